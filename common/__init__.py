@@ -1,0 +1,1 @@
+"""The contract every side shares: event schema and loaders, sessions, behaviour tokens, features."""

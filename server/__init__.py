@@ -1,0 +1,1 @@
+"""The operator side: Flower ServerApp, aggregation, checkpoints and `fedanom server`."""

@@ -1,0 +1,1 @@
+"""Synthetic merchants, attack injectors, partitioners, baselines, evaluation and `fedanom simulate`."""
