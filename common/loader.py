@@ -165,7 +165,7 @@ class EventReader:
         self._header = self._read_header()
         self.report.first_line = 2 if preset.header else 1
         raw = pa.OSFile(str(self.path))
-        gz = _is_gzip(self.path)
+        gz = is_gzip(self.path)
         stream = pa.CompressedInputStream(raw, "gzip") if gz else raw
         total = self.path.stat().st_size
 
@@ -204,7 +204,7 @@ class EventReader:
     def _read_header(self) -> list[str]:
         """The file's column names, checked against the preset, from its first line."""
         preset = self.preset
-        opener = gzip.open if _is_gzip(self.path) else open
+        opener = gzip.open if is_gzip(self.path) else open
         try:
             with opener(self.path, "rb") as fh:
                 first = fh.readline()
@@ -427,7 +427,7 @@ class EventReader:
                 writer.writerow([line, bad.reason, bad.column, bad.value, bad.record])
 
 
-def _is_gzip(path: Path) -> bool:
+def is_gzip(path: Path) -> bool:
     with open(path, "rb") as fh:
         return fh.read(2) == b"\x1f\x8b"
 
@@ -448,7 +448,7 @@ def _delimiter_hint(line: str, sep: str) -> str:
 
 def _lines_with_wrong_field_count(path: Path, preset: Preset, width: int, limit: int, encoding: str) -> list[int]:
     """Line numbers (1-based) of the first `limit` data lines whose field count differs from `width`."""
-    opener = gzip.open if _is_gzip(path) else open
+    opener = gzip.open if is_gzip(path) else open
     found: list[int] = []
     with opener(path, "rb") as raw:
         text = io.TextIOWrapper(raw, encoding=encoding, errors="replace", newline="")

@@ -1,0 +1,185 @@
+"""Behaviour tokens: what the model reads instead of raw events.
+
+Item and category ids mean nothing across merchants, so no id reaches the model. Each event becomes one
+token built from facts that mean the same in every shop:
+
+    event type x time since the previous event (log buckets) x item novelty in the session
+      x category novelty in the session x the item's popularity in this shop
+
+A token id is the mixed-radix number of its fields, so it decodes back to words for explanations. The
+vocabulary's version is a hash of this specification; it travels with every artifact, and a model is
+never fed tokens of another version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedanom.common.events import EVENT_TYPES
+from fedanom.common.sessions import SessionBatch
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+PAD, BOS, EOS = range(len(SPECIAL_TOKENS))
+
+GAP_EDGES_S = (0.3, 1.0, 3.0, 10.0, 30.0, 120.0, 600.0)
+GAP_BUCKETS = ("first", *(f"<{e:g}s" for e in GAP_EDGES_S), f">={GAP_EDGES_S[-1]:g}s")
+ITEM_NOVELTY = ("new item", "same item again", "item seen earlier")
+CATEGORY_NOVELTY = ("no category", "new category", "same category", "category seen earlier")
+# By the share of the shop's events that go to items at least this popular: the top items that make up
+# the first 10% of events, then up to 50%, up to 90%, and the rest.
+POPULARITY = ("unknown item", "rare item", "tail item", "head item", "top item")
+POPULARITY_SHARES = (0.9, 0.5, 0.1)  # cumulative share thresholds for rare / tail / head; below: top
+
+FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("event", EVENT_TYPES),
+    ("gap", GAP_BUCKETS),
+    ("item", ITEM_NOVELTY),
+    ("category", CATEGORY_NOVELTY),
+    ("popularity", POPULARITY),
+)
+RADICES = tuple(len(values) for _, values in FIELDS)
+VOCAB_SIZE = len(SPECIAL_TOKENS) + int(np.prod(RADICES))
+
+VOCAB_SPEC = {
+    "specials": SPECIAL_TOKENS,
+    "fields": {name: values for name, values in FIELDS},
+    "gap_edges_s": GAP_EDGES_S,
+    "popularity_shares": POPULARITY_SHARES,
+}
+
+
+def vocabulary_version() -> str:
+    """Hash of the vocabulary specification: any change to fields, buckets or order changes it."""
+    blob = json.dumps(VOCAB_SPEC, sort_keys=True).encode()
+    return "bt1-" + hashlib.sha256(blob).hexdigest()[:12]
+
+
+# Pinned: a test fails if the specification changes without this being updated deliberately.
+VOCAB_VERSION = "bt1-206c25f778a4"
+
+
+@dataclass
+class Popularity:
+    """This shop's item popularity buckets, keyed by item hash. It stays on the merchant's machine."""
+
+    items: np.ndarray  # sorted uint64 item hashes
+    buckets: np.ndarray  # int8 popularity code per item (1 rare .. 4 top)
+
+    @classmethod
+    def from_counts(cls, items: np.ndarray, counts: np.ndarray) -> Popularity:
+        """Bucket items by the event share of strictly more popular items; equal counts share a bucket."""
+        order = np.argsort(-counts, kind="stable")
+        sorted_counts = counts[order].astype(np.float64)
+        total = sorted_counts.sum() or 1.0
+        share_before = (np.cumsum(sorted_counts) - sorted_counts) / total
+        tie_group_start = np.searchsorted(-sorted_counts, -sorted_counts, side="left")
+        share_before = share_before[tie_group_start]
+        bucket_sorted = 4 - np.searchsorted(np.array(POPULARITY_SHARES[::-1]), share_before, side="right")
+        buckets = np.empty(len(items), dtype=np.int8)
+        buckets[order] = bucket_sorted
+        key_order = np.argsort(items)
+        return cls(items=items[key_order], buckets=buckets[key_order])
+
+    def lookup(self, items: np.ndarray) -> np.ndarray:
+        """Popularity code per item; 0 (unknown) for items this shop has not seen."""
+        if not len(self.items):
+            return np.zeros(len(items), dtype=np.int8)
+        pos = np.minimum(np.searchsorted(self.items, items), len(self.items) - 1)
+        return np.where(self.items[pos] == items, self.buckets[pos], 0).astype(np.int8)
+
+    def save(self, path: str | Path) -> None:
+        np.savez_compressed(path, items=self.items, buckets=self.buckets, version=VOCAB_VERSION)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Popularity:
+        with np.load(path) as data:
+            return cls(items=data["items"], buckets=data["buckets"])
+
+
+class ItemCounter:
+    """Counts events per item hash over a stream, in memory proportional to the catalogue, not the log."""
+
+    def __init__(self) -> None:
+        self._items: list[np.ndarray] = []
+        self._counts: list[np.ndarray] = []
+        self._pending = 0
+        self._compacted = 0
+
+    def add(self, items: np.ndarray) -> None:
+        keys, counts = np.unique(items, return_counts=True)
+        self._items.append(keys)
+        self._counts.append(counts)
+        self._pending += len(keys)
+        if self._pending > 4 * max(self._compacted, 1 << 20):
+            self._compact()
+
+    def _compact(self) -> None:
+        if len(self._items) > 1:
+            items, counts = np.concatenate(self._items), np.concatenate(self._counts)
+            keys, inverse = np.unique(items, return_inverse=True)
+            self._items, self._counts = [keys], [np.bincount(inverse, weights=counts).astype(np.int64)]
+        self._compacted = self._pending = len(self._items[0]) if self._items else 0
+
+    def popularity(self) -> Popularity:
+        self._compact()
+        if not self._items:
+            return Popularity(items=np.zeros(0, np.uint64), buckets=np.zeros(0, np.int8))
+        return Popularity.from_counts(self._items[0], self._counts[0])
+
+
+def encode(batch: SessionBatch, popularity: Popularity) -> np.ndarray:
+    """One behaviour token per event of the batch (int32, aligned with the batch's event arrays)."""
+    gap = np.zeros(batch.n_events, dtype=np.int64)
+    has_gap = batch.gap_ms >= 0
+    gap[has_gap] = 1 + np.searchsorted(np.array(GAP_EDGES_S) * 1000.0, batch.gap_ms[has_gap], side="right")
+
+    same_item = np.zeros(batch.n_events, dtype=bool)
+    same_cat = np.zeros(batch.n_events, dtype=bool)
+    continuing = batch.session_pos[1:] > 0
+    same_item[1:] = continuing & (batch.item[1:] == batch.item[:-1])
+    same_cat[1:] = continuing & (batch.cat[1:] == batch.cat[:-1])
+    item = np.where(batch.item_first, 0, np.where(same_item, 1, 2))
+    cat = np.where(batch.cat == 0, 0, np.where(batch.cat_first, 1, np.where(same_cat, 2, 3)))
+
+    fields = (batch.etype.astype(np.int64), gap, item, cat, popularity.lookup(batch.item).astype(np.int64))
+    token = np.zeros(batch.n_events, dtype=np.int64)
+    for value, radix in zip(fields, RADICES, strict=True):
+        token = token * radix + value
+    return (token + len(SPECIAL_TOKENS)).astype(np.int32)
+
+
+def decode(token: int) -> dict[str, str]:
+    """The words behind a token id."""
+    if token < len(SPECIAL_TOKENS):
+        return {"special": SPECIAL_TOKENS[token]}
+    if token >= VOCAB_SIZE:
+        raise ValueError(f"token {token} is outside the vocabulary of {VOCAB_SIZE}")
+    rest = token - len(SPECIAL_TOKENS)
+    values: dict[str, str] = {}
+    for name, names in reversed(FIELDS):
+        rest, code = divmod(rest, len(names))
+        values[name] = names[code]
+    return {name: values[name] for name, _ in FIELDS}
+
+
+def describe(token: int) -> str:
+    """One line of plain words, e.g. 'purchase <1s after the previous event, same item again, ...'."""
+    parts = decode(token)
+    if "special" in parts:
+        return parts["special"]
+    gap = parts["gap"]
+    when = "first event of the session" if gap == "first" else f"{gap} after the previous event"
+    return f"{parts['event']} {when}, {parts['item']}, {parts['category']}, {parts['popularity']}"
+
+
+def vocabulary_table() -> str:
+    """The vocabulary as a Markdown table, for the README."""
+    lines = ["| field | values |", "|---|---|"]
+    lines += [f"| {name} | {', '.join(values)} |" for name, values in FIELDS]
+    lines.append(f"| special | {', '.join(SPECIAL_TOKENS)} |")
+    return "\n".join(lines)

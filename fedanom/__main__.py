@@ -1,0 +1,5 @@
+"""`python -m fedanom` runs the command line."""
+
+from fedanom.cli import run
+
+run()
