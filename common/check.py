@@ -13,7 +13,6 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
 from fedanom.common.events import EVENT_TYPES
 from fedanom.common.ingest import Ingested
 from fedanom.common.tokens import encode
@@ -78,7 +77,9 @@ def summarize(ingested: Ingested, preset_name: str, vocabulary_version: str) -> 
     all_durations = np.concatenate(durations) if durations else np.zeros(0)
     notes = []
     if report.bad_rows:
-        notes.append(f"{report.rows_quarantined} bad rows were set aside, not dropped; see the quarantine file")
+        notes.append(
+            f"{report.rows_quarantined} bad rows were set aside, not dropped; see the quarantine file"
+        )
     if len(all_lengths) and np.median(all_lengths) <= 1:
         notes.append("most sessions have a single event: is the session gap or the session column right?")
     return DataSummary(

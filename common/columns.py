@@ -52,11 +52,15 @@ def hash_ids(col: pa.Array) -> np.ndarray:
     if not pa.types.is_string(col.type):
         col = col.cast(pa.string())
     n = len(col)
-    if n == 0:
-        return np.zeros(0, dtype=np.uint64)
+    if n == col.null_count:
+        return np.zeros(n, dtype=np.uint64)
     offsets_buf, data_buf = col.buffers()[1], col.buffers()[2]
     offsets = np.frombuffer(offsets_buf, dtype=np.int32, count=n + 1, offset=col.offset * 4).astype(np.int64)
-    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None and data_buf.size else np.zeros(1, np.uint8)
+    data = (
+        np.frombuffer(data_buf, dtype=np.uint8)
+        if data_buf is not None and data_buf.size
+        else np.zeros(1, np.uint8)
+    )
     starts, lengths = offsets[:-1], np.diff(offsets)
     h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
     active = np.nonzero(lengths > 0)[0]
@@ -109,7 +113,9 @@ def parse_timestamps(col: pa.Array, fmt: str, offset_ms: pa.Array | None = None)
 
 
 def _iso_ms(col: pa.Array) -> np.ndarray:
-    parsed = pd.to_datetime(pd.Series(col.to_pylist(), dtype=object), errors="coerce", utc=True, format="ISO8601")
+    parsed = pd.to_datetime(
+        pd.Series(col.to_pylist(), dtype=object), errors="coerce", utc=True, format="ISO8601"
+    )
     valid = parsed.notna().to_numpy()
     ms = np.full(len(parsed), np.nan)
     ms[valid] = parsed[valid].dt.as_unit("ms").astype("int64").to_numpy()

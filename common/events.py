@@ -77,4 +77,3 @@ def event_type_map(custom: Iterable[str] = ()) -> dict[str, int]:
             )
         mapping[raw] = EVENT_CODE[std]
     return mapping
-

@@ -59,13 +59,13 @@ def ingest(
     builder = SessionBuilder(
         config or SessionConfig(), SessionBuilder.partitions_for(size, compressed, partition_bytes)
     )
-    counter = ItemCounter() if popularity is None else None
+    counter = ItemCounter()
     for table in reader:
         builder.add(table)
-        if counter is not None:
+        if popularity is None:
             counter.add(table.column("item").to_numpy())
     return Ingested(
         report=reader.report,
-        popularity=popularity if counter is None else counter.popularity(),
+        popularity=popularity if popularity is not None else counter.popularity(),
         builder=builder,
     )

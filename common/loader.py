@@ -26,7 +26,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
-
 from fedanom.common.columns import (
     MAX_TS_MS,
     MIN_TS_MS,
@@ -119,7 +118,9 @@ class EventReader:
         self.encoding = encoding
         self.progress = progress
         self.event_codes = event_type_map(preset.extra_event_types)
-        self.report = LoadReport(path=self.path, quarantine_path=Path(quarantine_path) if quarantine_path else None)
+        self.report = LoadReport(
+            path=self.path, quarantine_path=Path(quarantine_path) if quarantine_path else None
+        )
         self._bad: list[_BadRow] = []
         self._wrong_field_rows: list[str] = []
         self._header: list[str] = []
@@ -161,8 +162,8 @@ class EventReader:
             )
 
     def _csv_batches(self) -> Iterator[pa.RecordBatch]:
-        preset = self.preset
         self._header = self._read_header()
+        preset = self.preset  # as adapted to the header
         self.report.first_line = 2 if preset.header else 1
         raw = pa.OSFile(str(self.path))
         gz = is_gzip(self.path)
@@ -173,29 +174,34 @@ class EventReader:
             self._wrong_field_rows.append(row.text)
             return "skip"
 
-        reader = pcsv.open_csv(
-            stream,
-            read_options=pcsv.ReadOptions(
-                block_size=self.block_bytes,
-                column_names=None if preset.header else list(preset.column_names),
-                encoding=self.encoding,
-            ),
-            parse_options=pcsv.ParseOptions(
-                delimiter=preset.sep, invalid_row_handler=on_invalid, ignore_empty_lines=False
-            ),
-            convert_options=pcsv.ConvertOptions(column_types={c: pa.binary() for c in self._header}),
-        )
         rows = 0
+
+        def unreadable(exc: Exception) -> FedanomError:
+            what = "the gzip data is truncated or corrupt" if gz else f"it cannot be parsed ({exc})"
+            return FedanomError(f"{self.path}: reading stopped after about {rows} rows because {what}")
+
+        try:
+            reader = pcsv.open_csv(
+                stream,
+                read_options=pcsv.ReadOptions(
+                    block_size=self.block_bytes,
+                    column_names=None if preset.header else list(preset.column_names),
+                    encoding=self.encoding,
+                ),
+                parse_options=pcsv.ParseOptions(
+                    delimiter=preset.sep, invalid_row_handler=on_invalid, ignore_empty_lines=False
+                ),
+                convert_options=pcsv.ConvertOptions(column_types={c: pa.binary() for c in self._header}),
+            )
+        except (pa.ArrowInvalid, OSError, EOFError) as exc:
+            raise unreadable(exc) from None
         while True:
             try:
                 batch = reader.read_next_batch()
             except StopIteration:
                 break
             except (pa.ArrowInvalid, OSError, EOFError) as exc:
-                what = "the gzip data is truncated or corrupt" if gz else f"it cannot be parsed ({exc})"
-                raise FedanomError(
-                    f"{self.path}: reading stopped after about {rows} rows because {what}; nothing was kept"
-                ) from None
+                raise unreadable(exc) from None
             rows += batch.num_rows
             if self.progress:
                 self.progress(raw.tell(), total)
@@ -223,9 +229,11 @@ class EventReader:
             if len(fields) != len(preset.column_names):
                 raise FedanomError(
                     f"{self.path}: line 1 has {len(fields)} fields but the {preset.name} preset expects "
-                    f"{len(preset.column_names)} ({', '.join(preset.column_names)}){_delimiter_hint(line, preset.sep)}"
+                    f"{len(preset.column_names)} ({', '.join(preset.column_names)})"
+                    f"{_delimiter_hint(line, preset.sep)}"
                 )
             return list(preset.column_names)
+        self.preset = preset = preset.for_columns(fields)
         missing = [c for c in preset.source_columns() if c not in fields]
         if missing:
             shown = ", ".join(fields[:12]) + (", ..." if len(fields) > 12 else "")
@@ -242,9 +250,12 @@ class EventReader:
             raise FedanomError(f"{self.path} is not a readable Parquet file ({exc})") from None
         self.report.unit = "row"
         names = pf.schema_arrow.names
+        self.preset = self.preset.for_columns(names)
         missing = [c for c in self.preset.source_columns() if c not in names]
         if missing:
-            raise FedanomError(f"{self.path} has no column '{missing[0]}' (columns found: {', '.join(names)})")
+            raise FedanomError(
+                f"{self.path} has no column '{missing[0]}' (columns found: {', '.join(names)})"
+            )
         self._header = names
         done, total = 0, pf.metadata.num_rows
         for batch in pf.iter_batches(batch_size=1 << 18):
@@ -257,13 +268,16 @@ class EventReader:
     def _convert(self, batch: pa.RecordBatch, row0: int) -> pa.Table:
         """Validate one batch; return its valid rows as canonical events and record the bad ones."""
         preset, n = self.preset, batch.num_rows
-        reason = np.full(n, "", dtype=object)
+        reasons: list[str] = []
+        reason = np.zeros(n, dtype=np.int8)  # 0: good, k: reasons[k - 1]
         column = np.full(n, "", dtype=object)
 
         def flag(mask: np.ndarray, why: str, col: str) -> None:
-            new = mask & (reason == "")
-            reason[new] = why
-            column[new] = col
+            new = mask & (reason == 0)
+            if new.any():
+                reasons.append(why)
+                reason[new] = len(reasons)
+                column[new] = col
 
         text: dict[str, pa.Array] = {}
         for name in batch.schema.names:
@@ -275,9 +289,9 @@ class EventReader:
                 text[name] = col
             else:
                 text[name] = col.cast(pa.string())
-        strings = [c for c in text.values() if pa.types.is_string(c.type)]
-        if strings:
-            flag(~np.logical_or.reduce([present(c) for c in strings]), "empty line", batch.schema.names[0])
+        filled = {name: present(col) for name, col in text.items() if pa.types.is_string(col.type)}
+        if filled:
+            flag(~np.logical_or.reduce(list(filled.values())), "empty line", batch.schema.names[0])
         if self._header and preset.header:
             same = [np.asarray(pc.fill_null(pc.equal(text[c], c), False)) for c in self._header if c in text]
             flag(np.logical_and.reduce(same), "repeated header line", self._header[0])
@@ -286,23 +300,27 @@ class EventReader:
             return preset.columns[field_name]
 
         user = text[source("user_id")]
-        has_user = present(user)
+        has_user = filled[source("user_id")]
         if preset.user_id_fallback:
             user = pc.if_else(pa.array(has_user), user, text[source(preset.user_id_fallback)])
             has_user = present(user)
         flag(~has_user, "missing user_id", source("user_id"))
         item = text[source("item_id")]
-        flag(~present(item), "missing item_id", source("item_id"))
+        flag(~filled[source("item_id")], "missing item_id", source("item_id"))
 
         ts_col = text[source("timestamp")]
         if pa.types.is_timestamp(ts_col.type):
-            ts = np.asarray(pc.fill_null(ts_col.cast(pa.timestamp("ms")).cast(pa.int64()), -1), dtype=np.int64)
+            ts = np.asarray(
+                pc.fill_null(ts_col.cast(pa.timestamp("ms")).cast(pa.int64()), -1), dtype=np.int64
+            )
         else:
-            flag(~present(ts_col), "missing timestamp", source("timestamp"))
+            flag(~filled[source("timestamp")], "missing timestamp", source("timestamp"))
             offset = text[preset.timestamp_offset] if preset.timestamp_offset else None
             ts = parse_timestamps(ts_col, preset.timestamp_format, offset)
         flag(ts == -1, "unparseable timestamp", source("timestamp"))
-        flag((ts != -1) & ((ts < MIN_TS_MS) | (ts >= MAX_TS_MS)), "timestamp out of range", source("timestamp"))
+        flag(
+            (ts != -1) & ((ts < MIN_TS_MS) | (ts >= MAX_TS_MS)), "timestamp out of range", source("timestamp")
+        )
 
         if preset.constant_event_type:
             etype = np.full(n, EVENT_CODE[preset.constant_event_type], dtype=np.int8)
@@ -314,21 +332,22 @@ class EventReader:
         price = np.full(n, np.nan, dtype=np.float32)
         if "price" in preset.columns:
             price_text = text[source("price")]
-            has_price = present(price_text)
+            has_price = filled[source("price")]
             value = to_float(price_text)
             flag(has_price & ~(np.isfinite(value) & (value >= 0)), "bad price", source("price"))
             price = np.where(has_price, value, np.nan).astype(np.float32)
 
-        good = reason == ""
+        good = reason == 0
         if not good.all():
-            self._record_bad(batch, text, np.nonzero(~good)[0], row0, reason, column)
+            why = np.array(["", *reasons], dtype=object)[reason]
+            self._record_bad(batch, text, np.nonzero(~good)[0], row0, why, column)
         keep = pa.array(good)
 
         def optional_ids(field_name: str) -> tuple[np.ndarray, pa.Array]:
             if field_name not in preset.columns:
                 return np.zeros(n, dtype=np.uint64), pa.nulls(n, pa.string())
             col = text[source(field_name)]
-            col = pc.if_else(pa.array(present(col)), col, pa.scalar(None, pa.string()))
+            col = pc.if_else(pa.array(filled[source(field_name)]), col, pa.scalar(None, pa.string()))
             return hash_ids(col), col
 
         cat, _ = optional_ids("category")
@@ -345,14 +364,18 @@ class EventReader:
             price,
             np.arange(row0, row0 + n, dtype=np.int64),
         ]
-        table = pa.Table.from_arrays([pa.array(c) if isinstance(c, np.ndarray) else c for c in columns], schema=EVENT_SCHEMA)
+        table = pa.Table.from_arrays(
+            [pa.array(c) if isinstance(c, np.ndarray) else c for c in columns], schema=EVENT_SCHEMA
+        )
         return table.filter(keep) if not good.all() else table
 
     def _event_codes(self, col: pa.Array) -> np.ndarray:
         """Standard event code per row; -1 unknown type, -2 blank."""
         encoded = pc.dictionary_encode(pc.utf8_lower(pc.utf8_trim_whitespace(col)))
         names = encoded.dictionary.to_pylist()
-        lookup = np.array([self.event_codes.get(v, -2 if v == "" else -1) for v in names] + [-2], dtype=np.int8)
+        lookup = np.array(
+            [self.event_codes.get(v, -2 if v == "" else -1) for v in names] + [-2], dtype=np.int8
+        )
         indices = np.asarray(pc.fill_null(encoded.indices, len(names)), dtype=np.int64)
         return lookup[indices]
 
@@ -404,7 +427,9 @@ class EventReader:
         self.report.insert_points = np.array([ln - first - k for k, ln in enumerate(lines)], dtype=np.int64)
         for k, text in enumerate(self._wrong_field_rows):
             self._bad.append(
-                _BadRow(row=-1 - k, reason=WRONG_FIELD_COUNT, column="", value=str(len(self._header)), record=text)
+                _BadRow(
+                    row=-1 - k, reason=WRONG_FIELD_COUNT, column="", value=str(len(self._header)), record=text
+                )
             )
         self._wrong_field_lines = lines
 
@@ -446,7 +471,9 @@ def _delimiter_hint(line: str, sep: str) -> str:
     return ""
 
 
-def _lines_with_wrong_field_count(path: Path, preset: Preset, width: int, limit: int, encoding: str) -> list[int]:
+def _lines_with_wrong_field_count(
+    path: Path, preset: Preset, width: int, limit: int, encoding: str
+) -> list[int]:
     """Line numbers (1-based) of the first `limit` data lines whose field count differs from `width`."""
     opener = gzip.open if is_gzip(path) else open
     found: list[int] = []

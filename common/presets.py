@@ -34,8 +34,17 @@ class Preset:
     # Where user_id is missing (anonymous visitors), take this canonical field instead.
     user_id_fallback: str | None = None
     timestamp_offset: str | None = None
+    # The generic default names every field after itself; optional fields absent from the file are skipped.
+    optional_may_be_absent: bool = False
     description: str = ""
     extra_event_types: tuple[str, ...] = field(default=())
+
+    def for_columns(self, names: list[str]) -> Preset:
+        """This preset for a file with these columns: optional fields it may skip are dropped if absent."""
+        if not self.optional_may_be_absent:
+            return self
+        keep = {f: c for f, c in self.columns.items() if f in REQUIRED_FIELDS or c in names}
+        return replace(self, columns=keep)
 
     def source_columns(self) -> list[str]:
         """Every source column this preset reads."""
@@ -50,7 +59,7 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset(
             name="taobao",
-            description="Tianchi/Taobao UserBehavior: headerless user,item,category,behavior(pv/buy/cart/fav),unix s",
+            description="Tianchi/Taobao UserBehavior: headerless user,item,category,pv/buy/cart/fav,unix s",
             columns={
                 "user_id": "user_id",
                 "item_id": "item_id",
@@ -64,7 +73,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="rees46",
-            description="REES46 multi-category store (Kaggle): event_time UTC, view/cart/remove_from_cart/purchase",
+            description="REES46 multi-category store: event_time UTC, view/cart/remove_from_cart/purchase",
             columns={
                 "timestamp": "event_time",
                 "event_type": "event_type",
@@ -79,7 +88,12 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="yoochoose",
             description="YOOCHOOSE / RecSys 2015 clicks (session-rec TSV): SessionId, ItemId, Time (unix s)",
-            columns={"session_id": "SessionId", "user_id": "SessionId", "item_id": "ItemId", "timestamp": "Time"},
+            columns={
+                "session_id": "SessionId",
+                "user_id": "SessionId",
+                "item_id": "ItemId",
+                "timestamp": "Time",
+            },
             sep="\t",
             timestamp_format="unix_s",
             constant_event_type="click",
@@ -101,8 +115,13 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="retailrocket",
-            description="RetailRocket events.csv: timestamp (ms), visitorid, event (view/addtocart/transaction)",
-            columns={"timestamp": "timestamp", "user_id": "visitorid", "event_type": "event", "item_id": "itemid"},
+            description="RetailRocket events.csv: timestamp ms, visitorid, view/addtocart/transaction",
+            columns={
+                "timestamp": "timestamp",
+                "user_id": "visitorid",
+                "event_type": "event",
+                "item_id": "itemid",
+            },
             timestamp_format="unix_ms",
         ),
         Preset(
@@ -144,20 +163,29 @@ def resolve_preset(
     """
     if name is not None:
         if name not in PRESETS:
-            raise FedanomError(f"unknown preset '{name}'; the presets are {', '.join(PRESETS)} (or use --map)")
+            raise FedanomError(
+                f"unknown preset '{name}'; the presets are {', '.join(PRESETS)} (or use --map)"
+            )
         preset = PRESETS[name]
         if mapping:
             preset = replace(preset, columns={**preset.columns, **parse_mapping(mapping)})
     else:
         columns = parse_mapping(mapping) if mapping else {f: f for f in ALL_FIELDS}
-        preset = Preset(name="generic", columns=columns, description="generic column mapping")
+        preset = Preset(
+            name="generic",
+            columns=columns,
+            description="generic column mapping",
+            optional_may_be_absent=not mapping,
+        )
     constant = preset.constant_event_type
     event_col = preset.columns.get("event_type", "")
     if event_col.startswith("const:"):
         constant = event_col.removeprefix("const:")
         preset = replace(preset, columns={k: v for k, v in preset.columns.items() if k != "event_type"})
     if constant is not None and constant not in EVENT_TYPES:
-        raise FedanomError(f"constant event type '{constant}' is not a standard type ({', '.join(EVENT_TYPES)})")
+        raise FedanomError(
+            f"constant event type '{constant}' is not a standard type ({', '.join(EVENT_TYPES)})"
+        )
     fmt = timestamp_format or preset.timestamp_format
     if fmt not in TIMESTAMP_FORMATS and "%" not in fmt:
         raise FedanomError(
@@ -172,5 +200,7 @@ def resolve_preset(
     )
     missing = [f for f in REQUIRED_FIELDS if f not in preset.columns and not (f == "event_type" and constant)]
     if missing:
-        raise FedanomError(f"the column mapping does not say which column holds {', '.join(missing)}; add --map")
+        raise FedanomError(
+            f"the column mapping does not say which column holds {', '.join(missing)}; add --map"
+        )
     return preset

@@ -1,13 +1,14 @@
 """Group events into sessions and scoring windows, in memory bounded by a partition, not by the file.
 
 A session is the export's own session id where it has one (its user is that of its first event);
-otherwise a user's run of events, ended by an inactivity gap (default 30 minutes). A session longer than `window` events is cut into
-consecutive windows, so every event is scored and no model input grows without bound.
+otherwise a user's run of events, ended by an inactivity gap (default 30 minutes). A session longer
+than `window` events is cut into consecutive windows, so every event is scored and no model input grows
+without bound.
 
-Exports are rarely sorted by user, so grouping needs all of a user's events together. `SessionBuilder`
-hash-partitions events by session (or user) as they stream in: small inputs stay in memory, larger ones spill each
-partition to an Arrow IPC file, and sessions are then built one partition at a time. Peak memory is one
-read block plus one partition, whatever the file's size.
+Exports are rarely sorted by user, so grouping needs all of a session's events together.
+`SessionBuilder` hash-partitions events by session (or user) as they stream in: small inputs stay in
+memory, larger ones spill each partition to an Arrow IPC file, and sessions are then built one partition
+at a time. Peak memory is one read block plus one partition, whatever the file's size.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-
 from fedanom.common.loader import EVENT_SCHEMA
 
 
@@ -80,7 +81,9 @@ class SessionBatch:
 class SessionBuilder:
     """Collect event tables, partitioned by user; then yield one `SessionBatch` per partition."""
 
-    def __init__(self, config: SessionConfig, n_partitions: int = 1, spill_dir: str | Path | None = None) -> None:
+    def __init__(
+        self, config: SessionConfig, n_partitions: int = 1, spill_dir: str | Path | None = None
+    ) -> None:
         self.config = config
         self.n_partitions = max(1, n_partitions)
         self._memory: list[list[pa.Table]] = [[] for _ in range(self.n_partitions)]
@@ -100,7 +103,7 @@ class SessionBuilder:
             self._memory[0].append(table)
             return
         key = _group_key(table.column("sess").to_numpy(), table.column("user").to_numpy())
-        part = ((key >> np.uint64(7)) % np.uint64(self.n_partitions)).astype(np.int64)
+        part = ((key >> np.uint64(7)) % np.uint64(self.n_partitions)).astype(np.int16)  # radix-sortable
         order = np.argsort(part, kind="stable")
         table = table.take(pa.array(order))
         bounds = np.searchsorted(part[order], np.arange(self.n_partitions + 1))
@@ -139,13 +142,15 @@ def sessionize(events: pa.Table, config: SessionConfig) -> SessionBatch:
     group = _group_key(sess, events.column("user").to_numpy())
     ts = events.column("ts").to_numpy()
     row = events.column("row").to_numpy()
-    order = np.lexsort((row, ts, group))
+    order = np.lexsort((ts, group))  # stable: equal times keep file order
     sess, group, ts, row = sess[order], group[order], ts[order], row[order]
     n = len(ts)
 
     diff = np.diff(ts)
     new_session = np.ones(n, dtype=bool)
-    new_session[1:] = (group[1:] != group[:-1]) | ((sess[1:] == 0) & (diff > int(config.gap_minutes * 60_000)))
+    new_session[1:] = (group[1:] != group[:-1]) | (
+        (sess[1:] == 0) & (diff > int(config.gap_minutes * 60_000))
+    )
     starts = np.flatnonzero(new_session)
     session_of = np.cumsum(new_session) - 1
     pos = np.arange(n) - starts[session_of]
@@ -192,7 +197,4 @@ def _group_key(sess: np.ndarray, user: np.ndarray) -> np.ndarray:
 def _first_in_session(values: np.ndarray, session_of: np.ndarray) -> np.ndarray:
     """True where a value appears for the first time within its session."""
     key = values * np.uint64(0x9E3779B97F4A7C15) + session_of.astype(np.uint64)
-    _, first = np.unique(key, return_index=True)
-    out = np.zeros(len(values), dtype=bool)
-    out[first] = True
-    return out
+    return ~pd.Series(key).duplicated().to_numpy()

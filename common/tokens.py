@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
+import pandas as pd
 from fedanom.common.events import EVENT_TYPES
 from fedanom.common.sessions import SessionBatch
 
@@ -69,6 +69,7 @@ class Popularity:
 
     items: np.ndarray  # sorted uint64 item hashes
     buckets: np.ndarray  # int8 popularity code per item (1 rare .. 4 top)
+    _index: pd.Index | None = field(default=None, repr=False, compare=False)  # hash table for lookup
 
     @classmethod
     def from_counts(cls, items: np.ndarray, counts: np.ndarray) -> Popularity:
@@ -87,10 +88,10 @@ class Popularity:
 
     def lookup(self, items: np.ndarray) -> np.ndarray:
         """Popularity code per item; 0 (unknown) for items this shop has not seen."""
-        if not len(self.items):
-            return np.zeros(len(items), dtype=np.int8)
-        pos = np.minimum(np.searchsorted(self.items, items), len(self.items) - 1)
-        return np.where(self.items[pos] == items, self.buckets[pos], 0).astype(np.int8)
+        if self._index is None:
+            self._index = pd.Index(self.items)
+        pos = self._index.get_indexer(items)  # type: ignore[arg-type]  # pandas takes arrays; stubs say Index
+        return np.where(pos >= 0, self.buckets[pos], 0).astype(np.int8)
 
     def save(self, path: str | Path) -> None:
         np.savez_compressed(path, items=self.items, buckets=self.buckets, version=VOCAB_VERSION)

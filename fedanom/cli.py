@@ -45,16 +45,21 @@ MapOption = Annotated[
         "category, price); event_type=const:view for a log with no event column.",
     ),
 ]
-SepOption = Annotated[str | None, typer.Option("--sep", help="Field delimiter (default: the preset's, else ',').")]
+SepOption = Annotated[
+    str | None, typer.Option("--sep", help="Field delimiter (default: the preset's, else ',').")
+]
 TimestampOption = Annotated[
     str | None, typer.Option("--timestamp-format", help="auto, unix_s, unix_ms or a strptime pattern.")
 ]
 EventTypeOption = Annotated[
     list[str] | None,
-    typer.Option("--event-type", help="Declare a custom event type: NAME=STANDARD, or NAME (-> other). Repeatable."),
+    typer.Option(
+        "--event-type", help="Declare a custom event type: NAME=STANDARD, or NAME (-> other). Repeatable."
+    ),
 ]
 BadRowsOption = Annotated[
-    str, typer.Option("--on-bad-rows", help="quarantine: set bad rows aside in a file; fail: stop at the first.")
+    str,
+    typer.Option("--on-bad-rows", help="quarantine: set bad rows aside in a file; fail: stop at the first."),
 ]
 QuarantineOption = Annotated[
     Path | None, typer.Option("--quarantine", help="Where bad rows go (default: ./<file>.quarantine.csv).")
@@ -83,7 +88,11 @@ def data_check(
     if on_bad_rows not in ("quarantine", "fail"):
         raise FedanomError(f"--on-bad-rows must be quarantine or fail, not '{on_bad_rows}'")
     spec = resolve_preset(
-        preset, mapping=mapping, sep=sep, timestamp_format=timestamp_format, event_types=tuple(event_type or ())
+        preset,
+        mapping=mapping,
+        sep=sep,
+        timestamp_format=timestamp_format,
+        event_types=tuple(event_type or ()),
     )
     if session_gap <= 0 or window < 2:
         raise FedanomError("--session-gap must be positive and --window at least 2")
@@ -140,7 +149,9 @@ def _print_summary(s: DataSummary) -> None:
     overview.add_row("users", f"{s.users:,}")
     overview.add_row("sessions / windows", f"{s.sessions:,} / {s.windows:,}")
     overview.add_row("time span", f"{s.first_event} .. {s.last_event} ({s.span_hours:,.2f} h)")
-    overview.add_row("distinct behaviour tokens", f"{s.distinct_tokens:,} (vocabulary {s.vocabulary_version})")
+    overview.add_row(
+        "distinct behaviour tokens", f"{s.distinct_tokens:,} (vocabulary {s.vocabulary_version})"
+    )
     out.print(overview)
     mix = Table(title="event mix")
     mix.add_column("event")

@@ -1,0 +1,73 @@
+"""The `fedanom` command as a user runs it: real subprocesses, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
+
+
+def fedanom(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedanom", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def shop_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    frame = generate_shop(ShopConfig(n_events=5_000, n_users=400, n_items=800), seed=3)
+    return write_taobao_csv(frame, tmp_path_factory.mktemp("shop") / "events.csv")
+
+
+def test_data_check_json(shop_csv: Path, tmp_path: Path) -> None:
+    result = fedanom("data", "check", str(shop_csv), "--preset", "taobao", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["rows_in"] == summary["rows_kept"] == 5_000
+    assert summary["rows_conserved"] is True
+    assert 0 < summary["users"] <= 400
+    assert summary["sessions"] > 500
+    assert set(summary["event_mix"]) == {"view", "fav", "cart", "purchase"}
+    assert summary["session_events"]["p50"] <= summary["session_events"]["max"]
+
+
+def test_data_check_table_and_quarantine(shop_csv: Path, tmp_path: Path) -> None:
+    dirty = tmp_path / "dirty.csv"
+    dirty.write_text(shop_csv.read_text() + "1,2,3,warp,1700000000\n")
+    result = fedanom("data", "check", str(dirty), "--preset", "taobao", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "unknown event type" in result.stdout
+    quarantine = tmp_path / "dirty.csv.quarantine.csv"
+    assert quarantine.read_text().splitlines()[1].startswith("5001,unknown event type,behavior_type,warp,")
+
+
+def test_user_mistakes_give_one_line_and_no_traceback(tmp_path: Path) -> None:
+    cases = [
+        ("data", "check", str(tmp_path / "missing.csv")),
+        ("data", "check", str(tmp_path), "--preset", "taobao"),
+        ("data", "check", "x.csv", "--preset", "nosuch"),
+        ("data", "check", "x.csv", "--map", "user=visitorid"),
+    ]
+    for args in cases:
+        result = fedanom(*args, cwd=tmp_path)
+        assert result.returncode == 1, args
+        assert "Traceback" not in result.stderr
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.parametrize("command", ["client", "server", "score", "train", "pretrain", "simulate"])
+def test_commands_not_built_yet_say_so(command: str, tmp_path: Path) -> None:
+    result = fedanom(command, "--anything", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "not built yet" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_no_bare_top_level_packages_are_installed(tmp_path: Path) -> None:
+    names = "('common', 'client', 'server', 'simulations')"
+    probe = f"import importlib.util as u; print([n for n in {names} if u.find_spec(n)])"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert result.stdout.strip() == "[]"
