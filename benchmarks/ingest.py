@@ -98,7 +98,8 @@ def main() -> None:
             results.append(row)
             print(
                 f"{n:>10,} events  {mode:<20} {row['seconds']:6.2f} s"
-                f"  {row['events_per_s'] / 1e6:5.2f} M events/s  peak {row['peak_rss_mb']:7.0f} MB  x{row['time_vs_read_csv']:.2f} of read_csv",
+                f"  {row['events_per_s'] / 1e6:5.2f} M events/s  peak {row['peak_rss_mb']:7.0f} MB"
+                f"  x{row['time_vs_read_csv']:.2f} of read_csv",
                 flush=True,
             )
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}"
