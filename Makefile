@@ -41,7 +41,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fedanom data check demo-out/shop-events.csv --preset taobao --quarantine demo-out/quarantine.csv
 
 bench: $(STAMP)
-	$(PY) benchmarks/ingest.py --events 1000000 5000000
+	$(PY) benchmarks/ingest.py --events 1000000 5000000 10000000
 
 clean:
 	rm -rf $(VENV) build demo-out bench-out .mypy_cache .pytest_cache .ruff_cache

@@ -4,7 +4,10 @@ Each measurement runs in a fresh subprocess, so its peak RSS is its own, and is 
 plain `pandas.read_csv` of the same file, is measured in the same run because absolute times drift on
 these machines. Usage:
 
-    python benchmarks/ingest.py --events 1000000 5000000 [--repeat 3] [--out bench-out]
+    python benchmarks/ingest.py --events 1000000 5000000 10000000 [--repeat 3] [--items 500000]
+
+Peak memory is one read block + one partition + the item-popularity table, which grows with the shop's
+catalogue (distinct items), not with the length of its log; so the catalogue is held fixed across sizes.
 """
 
 from __future__ import annotations
@@ -74,6 +77,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, nargs="+", default=[1_000_000, 5_000_000])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--items", type=int, default=500_000, help="catalogue size, fixed across file sizes as in a real shop"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--child", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -86,9 +92,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for n in args.events:
-        path = args.out / f"shop-{n}.csv"
+        path = args.out / f"shop-{n}-{args.items}.csv"
         if not path.exists():
-            config = ShopConfig(n_events=n, n_users=n // 5, n_items=n // 2, span_days=30)
+            config = ShopConfig(n_events=n, n_users=n // 5, n_items=args.items, span_days=30)
             write_taobao_csv(generate_shop(config, seed=1), path)
         base = None
         for mode in MODES:
