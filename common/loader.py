@@ -208,9 +208,7 @@ class EventReader:
                         convert_options=convert_options,
                     )
                 except pa.ArrowInvalid as exc:
-                    raise FedanomError(
-                        f"{self.path}: reading stopped after about {rows} rows because it cannot be parsed ({exc})"
-                    ) from None
+                    raise stopped(f"it cannot be parsed ({exc})") from None
                 for batch in table.combine_chunks().to_batches():
                     rows += batch.num_rows
                     yield batch
