@@ -187,14 +187,15 @@ class EventReader:
         )
         convert_options = pcsv.ConvertOptions(column_types={c: pa.binary() for c in self._header})
         rows, carry, skip_header = 0, b"", preset.header
+
+        def stopped(because: str) -> FedanomError:
+            return FedanomError(f"{self.path}: reading stopped after about {rows} rows because {because}")
+
         while True:
             try:
                 data = stream.read(self.block_bytes)
             except (OSError, EOFError):
-                what = "the gzip data is truncated or corrupt"
-                raise FedanomError(
-                    f"{self.path}: reading stopped after about {rows} rows because {what}"
-                ) from None
+                raise stopped("the gzip data is truncated or corrupt") from None
             block, carry = _whole_lines(carry + data) if data else (carry, b"")
             if skip_header and block:
                 newline = block.find(b"\n")
