@@ -1,0 +1,168 @@
+"""The behaviour model: a small Hugging Face causal LM over behaviour tokens, and its LoRA adapter.
+
+One forward pass gives every event's negative log-likelihood (NLL) given the events before it: that is
+both the anomaly evidence and its explanation. The backbone is a plain `transformers` model built from a
+config, so any compatible model directory can stand in for it, and it loads with plain
+`AutoModelForCausalLM`. Merchants train only a LoRA adapter on its linear layers; by default FFA-LoRA:
+A is a fixed random projection drawn from a seed every merchant shares, only B is trained and sent, so
+averaging B across merchants averages the adapters exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from fedanom.common.errors import FedanomError
+from fedanom.common.tokens import BOS, EOS, PAD, VOCAB_SIZE
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Size and shape of the behaviour transformer."""
+
+    architecture: str = "gpt2"  # see ARCHITECTURES
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    max_events: int = 128  # the session window; positions = window + <bos> + <eos>
+    dropout: float = 0.0
+
+    def build(self, seed: int = 0) -> PreTrainedModel:
+        if self.architecture not in ARCHITECTURES:
+            raise FedanomError(f"unknown architecture '{self.architecture}'; choose from {', '.join(ARCHITECTURES)}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return ARCHITECTURES[self.architecture].build(self)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    build: Callable[[BackboneConfig], PreTrainedModel]
+    lora_targets: tuple[str, ...]  # linear layers of the blocks (never embeddings)
+    fan_in_fan_out: bool  # GPT-2 stores its linear layers transposed (Conv1D)
+
+
+def _gpt2(c: BackboneConfig) -> PreTrainedModel:
+    config = GPT2Config(
+        vocab_size=VOCAB_SIZE,
+        n_positions=c.max_events + 2,
+        n_embd=c.d_model,
+        n_layer=c.n_layers,
+        n_head=c.n_heads,
+        resid_pdrop=c.dropout,
+        embd_pdrop=c.dropout,
+        attn_pdrop=c.dropout,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def _llama(c: BackboneConfig) -> PreTrainedModel:
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=c.d_model,
+        intermediate_size=4 * c.d_model,
+        num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads,
+        num_key_value_heads=c.n_heads,
+        max_position_embeddings=c.max_events + 2,
+        attention_dropout=c.dropout,
+        tie_word_embeddings=True,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
+    return LlamaForCausalLM(config)
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "gpt2": Architecture(_gpt2, ("c_attn", "c_proj", "c_fc"), fan_in_fan_out=True),
+    "llama": Architecture(
+        _llama, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), fan_in_fan_out=False
+    ),
+}
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The adapter every merchant trains."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = field(default=())  # empty: the architecture's linear layers
+    ffa: bool = True  # FFA-LoRA: A frozen (shared seed), only B trained and sent
+    seed: int = 0  # draws A; must be the same for every merchant of a federation
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def architecture_of(model: PreTrainedModel) -> str:
+    kind = model.config.model_type
+    if kind not in ARCHITECTURES:
+        raise FedanomError(f"backbone type '{kind}' is not supported; use one of {', '.join(ARCHITECTURES)}")
+    return kind
+
+
+def attach_lora(backbone: PreTrainedModel, settings: LoraSettings) -> PeftModel:
+    """Wrap a (device-placed) backbone with a LoRA adapter; the backbone's own weights are frozen."""
+    arch = ARCHITECTURES[architecture_of(backbone)]
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        target_modules=list(settings.targets or arch.lora_targets),
+        lora_dropout=0.0,
+        bias="none",
+        fan_in_fan_out=arch.fan_in_fan_out,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        model = get_peft_model(backbone, config)
+    if settings.ffa:
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+    return model
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a merchant trains (and, in a federation, sends): LoRA B (and A unless FFA)."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def pad_batch(sequences: list[np.ndarray], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences (already framed with <bos>/<eos>) -> right-padded ids and attention mask."""
+    width = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), width), PAD, dtype=np.int64)
+    mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = seq
+        mask[i, : len(seq)] = 1
+    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+
+
+def next_token_nll(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """NLL (nats) of each token given the ones before it: [batch, width - 1], 0 at padding."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    targets = ids[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
+    ).view(targets.shape)
+    return nll * mask[:, 1:]
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """CUDA when present (merchants with GPUs use them), otherwise the CPU; `requested` overrides."""
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise FedanomError(f"--device {requested} was asked for but no CUDA GPU is available")
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

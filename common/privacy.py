@@ -1,0 +1,102 @@
+"""Each merchant's privacy budget, accounted across training calls, federated rounds and restarts.
+
+Opacus's RDP accountant is nothing but a history of (noise multiplier, sample rate, steps). The ledger
+keeps that history in the merchant's state directory, hands it to every new PrivacyEngine before
+training, and saves what the engine added afterwards, so ε accumulates however the training is split.
+δ is fixed at first use (by default 1 / the number of training sessions) and kept, since ε spent under
+different δs does not add up. A run is planned before it starts: its noise is calibrated so that the
+history plus its steps stays within the budget, and a run that cannot fit is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opacus.accountants import RDPAccountant
+
+from fedanom.common.errors import FedanomError
+
+LEDGER_FILE = "privacy.json"
+MAX_NOISE = 50.0  # beyond this a step carries no useful signal: the budget is spent
+
+
+class BudgetExhausted(FedanomError):
+    """The merchant's privacy budget cannot pay for the requested training."""
+
+
+@dataclass
+class PrivacyLedger:
+    epsilon_budget: float
+    delta: float
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+    path: Path | None = None  # None: kept in memory only (a one-off local fit)
+
+    @classmethod
+    def open(cls, state_dir: str | Path | None, *, epsilon_budget: float, delta: float) -> PrivacyLedger:
+        """The ledger in `state_dir` (created on first use), with this call's budget; δ stays as first set."""
+        if not (epsilon_budget > 0 and math.isfinite(epsilon_budget)):
+            raise FedanomError(f"the privacy budget ε must be a positive number, not {epsilon_budget}")
+        if not 0 < delta < 1:
+            raise FedanomError(f"δ must be between 0 and 1, not {delta}")
+        if state_dir is None:
+            return cls(epsilon_budget=epsilon_budget, delta=delta)
+        path = Path(state_dir) / LEDGER_FILE
+        if path.exists():
+            try:
+                saved = json.loads(path.read_text())
+                history = [(float(s), float(q), int(n)) for s, q, n in saved["history"]]
+                delta = float(saved["delta"])
+            except (ValueError, KeyError, TypeError):
+                raise FedanomError(f"{path} is not a readable privacy ledger; it must not be edited by hand") from None
+            return cls(epsilon_budget=epsilon_budget, delta=delta, history=history, path=path)
+        ledger = cls(epsilon_budget=epsilon_budget, delta=delta, path=path)
+        ledger.save()
+        return ledger
+
+    def accountant(self) -> RDPAccountant:
+        """A fresh Opacus accountant that already knows every step taken so far."""
+        accountant = RDPAccountant()
+        accountant.history = list(self.history)
+        return accountant
+
+    def spent(self) -> float:
+        return self.accountant().get_epsilon(self.delta) if self.history else 0.0
+
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        accountant = self.accountant()
+        accountant.history.append((noise_multiplier, sample_rate, steps))
+        return accountant.get_epsilon(self.delta)
+
+    def plan(self, sample_rate: float, steps: int) -> float:
+        """The smallest noise multiplier (to 1%) whose `steps` keep the total within the budget."""
+        if self.epsilon_after(MAX_NOISE, sample_rate, steps) > self.epsilon_budget:
+            raise BudgetExhausted(
+                f"privacy budget exhausted: ε {self.spent():.3g} of {self.epsilon_budget:g} is spent "
+                f"(δ={self.delta:.2g}) and {steps} more steps cannot fit; raise --epsilon or stop training"
+            )
+        low, high = 0.05, MAX_NOISE
+        if self.epsilon_after(low, sample_rate, steps) <= self.epsilon_budget:
+            return low
+        while high / low > 1.01:
+            mid = math.sqrt(low * high)
+            if self.epsilon_after(mid, sample_rate, steps) > self.epsilon_budget:
+                low = mid
+            else:
+                high = mid
+        return high
+
+    def record(self, accountant: RDPAccountant) -> None:
+        """Adopt the accountant's history (the old steps plus this run's) and persist it."""
+        self.history = [(float(s), float(q), int(n)) for s, q, n in accountant.history]
+        self.save()
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"delta": self.delta, "accountant": "rdp", "history": self.history}, indent=1))
+        tmp.replace(self.path)

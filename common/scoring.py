@@ -1,0 +1,114 @@
+"""From per-event surprise to session scores and plain-words explanations.
+
+`event_surprise` runs the model over windows in length-bucketed batches (little padding, no gradients)
+and returns each event's NLL, plus the NLL of `<eos>` where a session ends. A session score aggregates
+them (higher = more anomalous); which aggregation is chosen on validation data and recorded in the
+detector. `explain` turns the most surprising events back into words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedanom.common.model import next_token_nll, pad_batch
+from fedanom.common.tokens import decode
+from fedanom.common.windows import Windows
+
+
+@dataclass
+class Surprise:
+    """NLL (nats) of every event (aligned with `Windows.tokens`) and of each window's <eos> (NaN if none)."""
+
+    event: np.ndarray
+    end: np.ndarray
+
+
+def length_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Window indices grouped by similar length, each group padded to at most `max_tokens` tokens."""
+    order = np.argsort(lengths, kind="stable")
+    groups, current, width = [], [], 0
+    for i in order:
+        width_if_added = max(width, int(lengths[i]))
+        if current and width_if_added * (len(current) + 1) > max_tokens:
+            groups.append(np.array(current))
+            current, width_if_added = [], int(lengths[i])
+        current.append(i)
+        width = width_if_added
+    if current:
+        groups.append(np.array(current))
+    return groups
+
+
+@torch.inference_mode()
+def event_surprise(
+    model: torch.nn.Module, windows: Windows, *, device: torch.device | str = "cpu", max_tokens: int = 4096
+) -> Surprise:
+    model.eval()
+    event = np.zeros(len(windows.tokens), dtype=np.float32)
+    end = np.full(windows.n_windows, np.nan, dtype=np.float32)
+    framed_lengths = windows.lengths + 1 + windows.closes_session
+    for group in length_batches(framed_lengths, max_tokens):
+        ids, mask = pad_batch([windows.framed(i) for i in group], device)
+        nll = next_token_nll(model, ids, mask).float().cpu().numpy()
+        for row, i in enumerate(group):
+            n = windows.offsets[i + 1] - windows.offsets[i]
+            event[windows.offsets[i] : windows.offsets[i + 1]] = nll[row, :n]
+            if windows.closes_session[i]:
+                end[i] = nll[row, n]
+    return Surprise(event=event, end=end)
+
+
+def _per_window(surprise: Surprise, windows: Windows) -> list[np.ndarray]:
+    out = []
+    for i in range(windows.n_windows):
+        values = surprise.event[windows.offsets[i] : windows.offsets[i + 1]]
+        out.append(values if np.isnan(surprise.end[i]) else np.append(values, surprise.end[i]))
+    return out
+
+
+def _top_mean(k: int) -> Callable[[np.ndarray], float]:
+    return lambda v: float(np.sort(v)[-k:].mean())
+
+
+# Candidate session scores over a window's event NLLs (and its <eos>); higher = more anomalous.
+AGGREGATIONS: dict[str, Callable[[np.ndarray], float]] = {
+    "mean": lambda v: float(v.mean()),
+    "max": lambda v: float(v.max()),
+    "top3": _top_mean(3),
+    "top5": _top_mean(5),
+}
+
+
+def aggregate(surprise: Surprise, windows: Windows, how: str) -> np.ndarray:
+    """One score per window."""
+    combine = AGGREGATIONS[how]
+    return np.array([combine(v) for v in _per_window(surprise, windows)], dtype=np.float64)
+
+
+def explain(surprise: Surprise, windows: Windows, i: int, k: int = 3) -> list[str]:
+    """The k most surprising events of window i (the session's end counts as one), in plain words."""
+    lo, hi = windows.offsets[i], windows.offsets[i + 1]
+    candidates = [(float(surprise.event[e]), _describe_event(windows, e)) for e in range(lo, hi)]
+    if not np.isnan(surprise.end[i]):
+        candidates.append((float(surprise.end[i]), "the session ends here"))
+    candidates.sort(key=lambda c: -c[0])
+    return [f"{words}: 1-in-{np.exp(nll):,.0f} under this shop's model" for nll, words in candidates[:k]]
+
+
+def _describe_event(windows: Windows, e: int) -> str:
+    fields = decode(int(windows.tokens[e]))
+    gap = windows.gap_ms[e]
+    when = "first event of the session" if gap < 0 else f"{_seconds(gap / 1000)} after the previous event"
+    return f"line {windows.line[e]}: {fields['event']} {when} ({fields['item']}, {fields['popularity']})"
+
+
+def _seconds(s: float) -> str:
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"

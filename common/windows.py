@@ -1,0 +1,110 @@
+"""Tokenized scoring windows: what the model reads, plus what outputs and explanations point back to.
+
+Built from `SessionBatch`es, so training, scoring, the baselines and the simulations all use the same
+units. Each window is framed `<bos> tokens... [<eos>]`; `<eos>` only closes a session's last window, so
+"the session ended here" is scored too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from fedanom.common.features import session_features
+from fedanom.common.loader import LoadReport
+from fedanom.common.sessions import SessionBatch
+from fedanom.common.tokens import BOS, EOS, Popularity, encode
+
+
+@dataclass
+class Windows:
+    # per event, window after window
+    tokens: np.ndarray  # int32 behaviour tokens
+    ts: np.ndarray  # int64 Unix ms
+    gap_ms: np.ndarray  # int64, -1 for a session's first event
+    line: np.ndarray  # int64 line (CSV) or row (Parquet) in the source file
+    # per window
+    offsets: np.ndarray  # int64, n + 1
+    session: np.ndarray  # object: session key
+    user: np.ndarray  # object: user id
+    window_index: np.ndarray  # int32
+    closes_session: np.ndarray  # bool: the session's last window (framed with <eos>)
+    start_ms: np.ndarray  # int64, the session's first event
+    features: np.ndarray  # float32 [n, n_features], for the classical baselines
+
+    @classmethod
+    def from_batches(
+        cls, batches: Iterable[SessionBatch], popularity: Popularity, report: LoadReport | None = None
+    ) -> Windows:
+        parts = []
+        for b in batches:
+            next_index = np.append(b.window_index[1:], 0)
+            parts.append(
+                cls(
+                    tokens=encode(b, popularity),
+                    ts=b.ts,
+                    gap_ms=b.gap_ms,
+                    line=report.line_numbers(b.row) if report is not None else b.row,
+                    offsets=b.offsets,
+                    session=np.asarray(b.session.to_pylist(), dtype=object),
+                    user=np.asarray(b.user.to_pylist(), dtype=object),
+                    window_index=b.window_index,
+                    closes_session=next_index == 0,
+                    start_ms=b.session_start_ms,
+                    features=session_features(b, popularity),
+                )
+            )
+        return cls.concat(parts)
+
+    @classmethod
+    def concat(cls, parts: list[Windows]) -> Windows:
+        if not parts:
+            raise ValueError("no windows to concatenate")
+        if len(parts) == 1:
+            return parts[0]
+        offsets = [parts[0].offsets]
+        for p in parts[1:]:
+            offsets.append(p.offsets[1:] + offsets[-1][-1])
+        values = {f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls) if f.name != "offsets"}
+        return cls(offsets=np.concatenate(offsets), **values)
+
+    @property
+    def n_windows(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def framed(self, i: int) -> np.ndarray:
+        """Window i as the model reads it: <bos> tokens [<eos>]."""
+        body = self.tokens[self.offsets[i] : self.offsets[i + 1]]
+        tail = [EOS] if self.closes_session[i] else []
+        return np.concatenate([[BOS], body, tail]).astype(np.int64)
+
+    def select(self, keep: np.ndarray) -> Windows:
+        """The windows where `keep` is true (a bool mask or an index array), in their order."""
+        index = np.flatnonzero(keep) if keep.dtype == bool else np.asarray(keep)
+        lengths = self.lengths[index]
+        events = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in index]) if len(index) else []
+        events = np.asarray(events, dtype=np.int64)
+        per_event = {"tokens", "ts", "gap_ms", "line"}
+        values = {
+            f.name: getattr(self, f.name)[events if f.name in per_event else index]
+            for f in fields(self)
+            if f.name != "offsets"
+        }
+        return Windows(offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), **values)
+
+    def chronological_split(self, *fractions: float) -> list[Windows]:
+        """Split by session start time (a session's windows stay together): earliest first."""
+        order = np.argsort(self.start_ms, kind="stable")
+        sessions_in_order = list(dict.fromkeys(self.session[order]))
+        edges = np.cumsum([0.0, *fractions]) * len(sessions_in_order)
+        rank = {key: i for i, key in enumerate(sessions_in_order)}
+        session_rank = np.array([rank[s] for s in self.session])
+        return [
+            self.select((session_rank >= lo) & (session_rank < hi)) for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+        ]
