@@ -15,11 +15,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
-
 from fedanom.common.errors import FedanomError
 from fedanom.common.tokens import BOS, EOS, PAD, VOCAB_SIZE
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,9 @@ class BackboneConfig:
 
     def build(self, seed: int = 0) -> PreTrainedModel:
         if self.architecture not in ARCHITECTURES:
-            raise FedanomError(f"unknown architecture '{self.architecture}'; choose from {', '.join(ARCHITECTURES)}")
+            raise FedanomError(
+                f"unknown architecture '{self.architecture}'; choose from {', '.join(ARCHITECTURES)}"
+            )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return ARCHITECTURES[self.architecture].build(self)
@@ -86,7 +87,9 @@ def _llama(c: BackboneConfig) -> PreTrainedModel:
 ARCHITECTURES: dict[str, Architecture] = {
     "gpt2": Architecture(_gpt2, ("c_attn", "c_proj", "c_fc"), fan_in_fan_out=True),
     "llama": Architecture(
-        _llama, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), fan_in_fan_out=False
+        _llama,
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        fan_in_fan_out=False,
     ),
 }
 
@@ -138,7 +141,9 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def pad_batch(sequences: list[np.ndarray], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(
+    sequences: list[np.ndarray], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token sequences (already framed with <bos>/<eos>) -> right-padded ids and attention mask."""
     width = max(len(s) for s in sequences)
     ids = np.full((len(sequences), width), PAD, dtype=np.int64)
@@ -150,13 +155,25 @@ def pad_batch(sequences: list[np.ndarray], device: torch.device | str = "cpu") -
 
 
 def next_token_nll(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """NLL (nats) of each token given the ones before it: [batch, width - 1], 0 at padding."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    targets = ids[:, 1:]
-    nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
-    ).view(targets.shape)
-    return nll * mask[:, 1:]
+    """NLL (nats) of each token given the ones before it: [batch, width - 1], 0 at padding.
+
+    The output layer (vocabulary-sized, the model's costliest part) runs only at real positions: with
+    sessions of a few events padded to the longest in the batch, that is most of the work saved.
+    """
+    causal_lm = _unwrap(model)
+    hidden = causal_lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    keep = mask[:, 1:].bool()
+    logits = causal_lm.get_output_embeddings()(hidden[keep])
+    nll = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][keep], reduction="none")
+    return torch.zeros(keep.shape, dtype=nll.dtype, device=nll.device).masked_scatter(keep, nll)
+
+
+def _unwrap(model: torch.nn.Module) -> PreTrainedModel:
+    """The causal LM inside Opacus's and peft's wrappers (LoRA layers stay injected in it)."""
+    inner = getattr(model, "_module", model)  # Opacus GradSampleModule
+    if isinstance(inner, PeftModel):
+        inner = inner.get_base_model()
+    return inner  # type: ignore[return-value]
 
 
 def pick_device(requested: str | None = None) -> torch.device:

@@ -15,9 +15,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opacus.accountants import RDPAccountant
-
 from fedanom.common.errors import FedanomError
+from opacus.accountants import RDPAccountant
 
 LEDGER_FILE = "privacy.json"
 MAX_NOISE = 50.0  # beyond this a step carries no useful signal: the budget is spent
@@ -50,7 +49,9 @@ class PrivacyLedger:
                 history = [(float(s), float(q), int(n)) for s, q, n in saved["history"]]
                 delta = float(saved["delta"])
             except (ValueError, KeyError, TypeError):
-                raise FedanomError(f"{path} is not a readable privacy ledger; it must not be edited by hand") from None
+                raise FedanomError(
+                    f"{path} is not a readable privacy ledger; it must not be edited by hand"
+                ) from None
             return cls(epsilon_budget=epsilon_budget, delta=delta, history=history, path=path)
         ledger = cls(epsilon_budget=epsilon_budget, delta=delta, path=path)
         ledger.save()
@@ -98,5 +99,7 @@ class PrivacyLedger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"delta": self.delta, "accountant": "rdp", "history": self.history}, indent=1))
+        tmp.write_text(
+            json.dumps({"delta": self.delta, "accountant": "rdp", "history": self.history}, indent=1)
+        )
         tmp.replace(self.path)

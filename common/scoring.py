@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 from fedanom.common.model import next_token_nll, pad_batch
 from fedanom.common.tokens import decode
 from fedanom.common.windows import Windows

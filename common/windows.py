@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
 import numpy as np
-
 from fedanom.common.features import session_features
 from fedanom.common.loader import LoadReport
 from fedanom.common.sessions import SessionBatch
@@ -67,7 +66,11 @@ class Windows:
         offsets = [parts[0].offsets]
         for p in parts[1:]:
             offsets.append(p.offsets[1:] + offsets[-1][-1])
-        values = {f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls) if f.name != "offsets"}
+        values = {
+            f.name: np.concatenate([getattr(p, f.name) for p in parts])
+            for f in fields(cls)
+            if f.name != "offsets"
+        }
         return cls(offsets=np.concatenate(offsets), **values)
 
     @property
@@ -88,7 +91,11 @@ class Windows:
         """The windows where `keep` is true (a bool mask or an index array), in their order."""
         index = np.flatnonzero(keep) if keep.dtype == bool else np.asarray(keep)
         lengths = self.lengths[index]
-        events = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in index]) if len(index) else []
+        events = (
+            np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in index])
+            if len(index)
+            else []
+        )
         events = np.asarray(events, dtype=np.int64)
         per_event = {"tokens", "ts", "gap_ms", "line"}
         values = {
@@ -106,5 +113,6 @@ class Windows:
         rank = {key: i for i, key in enumerate(sessions_in_order)}
         session_rank = np.array([rank[s] for s in self.session])
         return [
-            self.select((session_rank >= lo) & (session_rank < hi)) for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+            self.select((session_rank >= lo) & (session_rank < hi))
+            for lo, hi in zip(edges[:-1], edges[1:], strict=True)
         ]

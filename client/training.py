@@ -1,0 +1,161 @@
+"""A merchant's local training of the LoRA adapter, with Opacus DP-SGD by default.
+
+The same loop serves `fedanom train` (a local fit), the federated client (one round's local steps) and
+the simulations' local-only and non-DP baselines. With DP, each step samples sessions with Poisson
+sampling, clips every session's gradient to `max_grad_norm` and adds Gaussian noise; the noise is
+planned from the merchant's ledger so the run fits in its remaining budget, and the ledger records the
+steps actually taken.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from fedanom.common.errors import FedanomError
+from fedanom.common.model import next_token_nll, pad_batch
+from fedanom.common.privacy import PrivacyLedger
+from fedanom.common.windows import Windows
+from opacus import PrivacyEngine
+from opacus.grad_sample import GradSampleModule
+from torch.utils.data import DataLoader, Dataset
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch")  # "ew" fails on HF models; ghost needs its own loss wrapper
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: float = 3.0
+    batch_size: int = 64  # expected batch size (Poisson sampling under DP)
+    learning_rate: float = 2e-2
+    max_grad_norm: float = 1.0  # per-session clipping bound
+    dp: bool = True
+    grad_sample_mode: str = "hooks"
+    seed: int = 0
+
+
+@dataclass
+class TrainReport:
+    steps: int
+    sessions: int
+    mean_loss: float
+    seconds: float
+    noise_multiplier: float | None = None
+    epsilon_spent: float | None = None  # total for this merchant after the run
+    delta: float | None = None
+
+
+class _Framed(Dataset[np.ndarray]):
+    def __init__(self, windows: Windows) -> None:
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return self.windows.n_windows
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.windows.framed(i)
+
+
+def collate(sequences: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    return pad_batch(sequences)
+
+
+def sequence_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over sessions of each session's mean next-token NLL (a per-sample loss, as DP-SGD needs)."""
+    nll = next_token_nll(model, ids, mask)
+    return (nll.sum(1) / mask[:, 1:].sum(1).clamp(min=1)).mean()
+
+
+def make_private(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader[np.ndarray],
+    *,
+    settings: TrainSettings,
+    ledger: PrivacyLedger,
+    noise_multiplier: float,
+    poisson_sampling: bool = True,
+) -> tuple[GradSampleModule, torch.optim.Optimizer, DataLoader[np.ndarray], PrivacyEngine]:
+    """Opacus around model/optimizer/loader, its accountant preloaded with the merchant's history."""
+    if settings.grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise FedanomError(f"grad sample mode must be one of {', '.join(GRAD_SAMPLE_MODES)}")
+    engine = PrivacyEngine(accountant="rdp")
+    engine.accountant.history = list(ledger.history)
+    private = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=settings.max_grad_norm,
+        poisson_sampling=poisson_sampling,
+        grad_sample_mode=settings.grad_sample_mode,
+    )
+    dp_model, dp_optimizer, dp_loader = private[0], private[1], private[-1]
+    return dp_model, dp_optimizer, dp_loader, engine  # type: ignore[return-value]
+
+
+def train_model(
+    model: torch.nn.Module,
+    windows: Windows,
+    settings: TrainSettings,
+    *,
+    ledger: PrivacyLedger | None = None,
+    device: torch.device | str = "cpu",
+) -> TrainReport:
+    """Train the model's trainable parameters on these windows, in place: the adapter (merchants), or
+    every weight when nothing is frozen (the operator's backbone pretraining, without DP)."""
+    if windows.n_windows < 2:
+        raise FedanomError("training needs at least 2 sessions")
+    if settings.dp and ledger is None:
+        raise ValueError("DP training needs a privacy ledger")
+    torch.manual_seed(settings.seed)
+    started = time.perf_counter()
+    n = windows.n_windows
+    batch_size = min(settings.batch_size, n)
+    steps = max(1, math.ceil(settings.epochs * n / batch_size))
+    loader: DataLoader[np.ndarray] = DataLoader(
+        _Framed(windows), batch_size=batch_size, shuffle=True, collate_fn=collate
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=settings.learning_rate)
+    engine = None
+    noise = None
+    train_model: torch.nn.Module = model
+    if settings.dp:
+        assert ledger is not None
+        noise = ledger.plan(batch_size / n, steps)
+        train_model, optimizer, loader, engine = make_private(
+            model, optimizer, loader, settings=settings, ledger=ledger, noise_multiplier=noise
+        )
+    train_model.train()
+    losses = []
+    taken = 0
+    for ids, mask in _forever(loader):
+        if taken == steps:
+            break
+        if ids.numel() == 0:  # an empty Poisson sample: nothing to release, no step taken
+            continue
+        loss = sequence_loss(train_model, ids.to(device), mask.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+        taken += 1
+    report = TrainReport(
+        steps=taken, sessions=n, mean_loss=float(np.mean(losses)), seconds=time.perf_counter() - started
+    )
+    if engine is not None and ledger is not None:
+        ledger.record(engine.accountant)
+        report.noise_multiplier, report.epsilon_spent, report.delta = noise, ledger.spent(), ledger.delta
+        train_model._close()  # type: ignore[operator]  # removes Opacus's hooks from the model
+    model.eval()
+    return report
+
+
+def _forever(loader: DataLoader[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        yield from loader

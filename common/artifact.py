@@ -1,0 +1,205 @@
+"""The detector on disk: one directory a merchant can score with, and that plain `peft` can load.
+
+    detector/
+      detector.json      format, vocabulary version, backbone reference (content hash + where it lies),
+                         LoRA and session settings, score aggregation, calibration, provenance, checksums
+      adapter/           peft `save_pretrained` output (adapter_config.json, adapter_model.safetensors)
+      popularity.npz     this shop's item popularity buckets (hashed ids; never leaves the merchant)
+
+A backbone directory is `save_pretrained` output plus `fedanom-backbone.json` with its content hash.
+Loading checks every checksum and the backbone hash: a tampered file or a different backbone is a clear
+error, never a silently wrong score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fedanom.common.errors import FedanomError
+from fedanom.common.tokens import VOCAB_SIZE, VOCAB_VERSION, Popularity
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+DETECTOR_FORMAT = "fedanom-detector/1"
+BACKBONE_META = "fedanom-backbone.json"
+QUANTILE_LEVELS = np.linspace(0.0, 1.0, 1001)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_hash(directory: Path, names: list[str]) -> str:
+    """One hash over the named files' contents (in name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(name.encode() + b"\0" + sha256_file(directory / name).encode())
+    return digest.hexdigest()
+
+
+def _weight_files(directory: Path) -> list[str]:
+    return sorted(
+        p.name for p in directory.iterdir() if p.name == "config.json" or p.suffix == ".safetensors"
+    )
+
+
+# --------------------------------------------------------------------------------------------- backbone
+def save_backbone(model: PreTrainedModel, directory: str | Path, provenance: dict[str, Any]) -> str:
+    """`save_pretrained` plus a content hash; returns the hash."""
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    digest = content_hash(directory, _weight_files(directory))
+    meta = {"hash": digest, "vocabulary_version": VOCAB_VERSION, "provenance": provenance}
+    (directory / BACKBONE_META).write_text(json.dumps(meta, indent=2))
+    return digest
+
+
+def backbone_hash(directory: str | Path) -> str:
+    directory = Path(directory)
+    if not directory.is_dir() or not (directory / "config.json").exists():
+        raise FedanomError(f"{directory} is not a model directory (no config.json)")
+    return content_hash(directory, _weight_files(directory))
+
+
+def load_backbone(directory: str | Path, device: torch.device | str = "cpu") -> PreTrainedModel:
+    """Any causal-LM directory over the behaviour vocabulary; fedanom's own are hash-checked."""
+    directory = Path(directory)
+    digest = backbone_hash(directory)
+    meta_path = directory / BACKBONE_META
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("hash") != digest:
+            raise FedanomError(
+                f"{directory}: the backbone weights do not match their recorded hash (modified?)"
+            )
+        if meta.get("vocabulary_version") != VOCAB_VERSION:
+            raise FedanomError(
+                f"{directory} was trained on vocabulary {meta.get('vocabulary_version')}, "
+                f"this fedanom speaks {VOCAB_VERSION}"
+            )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise FedanomError(f"{directory} cannot be loaded as a causal language model ({exc})") from None
+    if model.config.vocab_size != VOCAB_SIZE:
+        raise FedanomError(
+            f"{directory} has a vocabulary of {model.config.vocab_size} tokens; behaviour tokens need {VOCAB_SIZE}"
+        )
+    return model.to(device)
+
+
+# ----------------------------------------------------------------------------------------------- detector
+@dataclass
+class Calibration:
+    """Normal validation scores, kept as quantiles so any alert rate maps to a threshold."""
+
+    alert_rate: float
+    quantiles: list[float]
+    n_validation: int
+
+    @classmethod
+    def from_scores(cls, scores: np.ndarray, alert_rate: float) -> Calibration:
+        if not len(scores):
+            raise FedanomError("no normal validation sessions to calibrate the threshold on")
+        return cls(alert_rate, np.quantile(scores, QUANTILE_LEVELS).tolist(), len(scores))
+
+    def threshold(self, alert_rate: float | None = None) -> float:
+        rate = self.alert_rate if alert_rate is None else alert_rate
+        if not 0 < rate < 1:
+            raise FedanomError(f"the alert rate must be between 0 and 1, not {rate}")
+        return float(np.interp(1.0 - rate, QUANTILE_LEVELS, self.quantiles))
+
+
+@dataclass
+class DetectorSpec:
+    backbone: dict[str, Any]  # hash, path (as given), architecture
+    lora: dict[str, Any]
+    session: dict[str, Any]
+    aggregation: str
+    calibration: Calibration
+    provenance: dict[str, Any]
+    vocabulary_version: str = VOCAB_VERSION
+    format: str = DETECTOR_FORMAT
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def save_detector(
+    directory: str | Path, model: PeftModel, spec: DetectorSpec, popularity: Popularity
+) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory / "adapter")
+    popularity.save(directory / "popularity.npz")
+    spec.files = {
+        str(p.relative_to(directory)): sha256_file(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != "detector.json"
+    }
+    (directory / "detector.json").write_text(json.dumps(asdict(spec), indent=2))
+
+
+def read_spec(directory: str | Path) -> DetectorSpec:
+    directory = Path(directory)
+    path = directory / "detector.json"
+    if not path.exists():
+        raise FedanomError(f"{directory} is not a fedanom detector (no detector.json)")
+    try:
+        raw = json.loads(path.read_text())
+        raw["calibration"] = Calibration(**raw["calibration"])
+        spec = DetectorSpec(**raw)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise FedanomError(f"{path} is not a readable detector description ({exc})") from None
+    if spec.format != DETECTOR_FORMAT:
+        raise FedanomError(f"{path} has format {spec.format}; this fedanom reads {DETECTOR_FORMAT}")
+    if spec.vocabulary_version != VOCAB_VERSION:
+        raise FedanomError(
+            f"{path} speaks vocabulary {spec.vocabulary_version}; this fedanom speaks {VOCAB_VERSION}"
+        )
+    for name, digest in spec.files.items():
+        file = directory / name
+        if not file.exists():
+            raise FedanomError(f"{file} is missing from the detector")
+        if sha256_file(file) != digest:
+            raise FedanomError(f"{file} does not match its checksum in detector.json (modified or corrupt)")
+    return spec
+
+
+def resolve_backbone_path(directory: Path, spec: DetectorSpec) -> Path:
+    """The backbone as recorded: relative paths are relative to the detector directory."""
+    path = Path(spec.backbone["path"])
+    return path if path.is_absolute() else (directory / path).resolve()
+
+
+def load_detector(
+    directory: str | Path, device: torch.device | str = "cpu"
+) -> tuple[PeftModel, DetectorSpec, Popularity]:
+    directory = Path(directory)
+    spec = read_spec(directory)
+    backbone_dir = resolve_backbone_path(directory, spec)
+    if not backbone_dir.exists():
+        raise FedanomError(f"{directory}: its backbone {backbone_dir} is not on this machine")
+    if backbone_hash(backbone_dir) != spec.backbone["hash"]:
+        raise FedanomError(
+            f"{directory}: the backbone at {backbone_dir} is not the one this detector was trained on"
+        )
+    model = PeftModel.from_pretrained(load_backbone(backbone_dir, device), directory / "adapter")
+    return model.to(device), spec, Popularity.load(directory / "popularity.npz")
+
+
+def relative_or_absolute(target: Path, start: Path) -> str:
+    """A path to record: relative when both sit under one tree (moves with it), else absolute."""
+    try:
+        return os.path.relpath(target.resolve(), start.resolve())
+    except ValueError:
+        return str(target.resolve())
