@@ -95,7 +95,7 @@ def make_private(
         grad_sample_mode=settings.grad_sample_mode,
     )
     dp_model, dp_optimizer, dp_loader = private[0], private[1], private[-1]
-    return dp_model, dp_optimizer, dp_loader, engine  # type: ignore[return-value]
+    return dp_model, dp_optimizer, dp_loader, engine
 
 
 def train_model(
@@ -143,7 +143,7 @@ def train_model(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         taken += 1
     report = TrainReport(
         steps=taken, sessions=n, mean_loss=float(np.mean(losses)), seconds=time.perf_counter() - started

@@ -94,9 +94,10 @@ def load_backbone(directory: str | Path, device: torch.device | str = "cpu") -> 
         raise FedanomError(f"{directory} cannot be loaded as a causal language model ({exc})") from None
     if model.config.vocab_size != VOCAB_SIZE:
         raise FedanomError(
-            f"{directory} has a vocabulary of {model.config.vocab_size} tokens; behaviour tokens need {VOCAB_SIZE}"
+            f"{directory} has a vocabulary of {model.config.vocab_size} tokens; "
+            f"behaviour tokens need {VOCAB_SIZE}"
         )
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # transformers types .to() for dtypes only
 
 
 # ----------------------------------------------------------------------------------------------- detector
@@ -139,7 +140,7 @@ def save_detector(
 ) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory / "adapter")
+    model.save_pretrained(str(directory / "adapter"))
     popularity.save(directory / "popularity.npz")
     spec.files = {
         str(p.relative_to(directory)): sha256_file(p)

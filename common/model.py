@@ -99,7 +99,7 @@ class LoraSettings:
     """The adapter every merchant trains."""
 
     rank: int = 8
-    alpha: float = 16.0
+    alpha: int = 16
     targets: tuple[str, ...] = field(default=())  # empty: the architecture's linear layers
     ffa: bool = True  # FFA-LoRA: A frozen (shared seed), only B trained and sent
     seed: int = 0  # draws A; must be the same for every merchant of a federation
@@ -108,11 +108,11 @@ class LoraSettings:
         return asdict(self)
 
 
-def architecture_of(model: PreTrainedModel) -> str:
-    kind = model.config.model_type
+def architecture_of(model: torch.nn.Module) -> str:
+    kind = getattr(getattr(model, "config", None), "model_type", None)
     if kind not in ARCHITECTURES:
         raise FedanomError(f"backbone type '{kind}' is not supported; use one of {', '.join(ARCHITECTURES)}")
-    return kind
+    return str(kind)
 
 
 def attach_lora(backbone: PreTrainedModel, settings: LoraSettings) -> PeftModel:

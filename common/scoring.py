@@ -29,7 +29,9 @@ class Surprise:
 def length_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
     """Window indices grouped by similar length, each group padded to at most `max_tokens` tokens."""
     order = np.argsort(lengths, kind="stable")
-    groups, current, width = [], [], 0
+    groups: list[np.ndarray] = []
+    current: list[int] = []
+    width = 0
     for i in order:
         width_if_added = max(width, int(lengths[i]))
         if current and width_if_added * (len(current) + 1) > max_tokens:

@@ -7,6 +7,7 @@ units. Each window is framed `<bos> tokens... [<eos>]`; `<eos>` only closes a se
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
@@ -91,12 +92,8 @@ class Windows:
         """The windows where `keep` is true (a bool mask or an index array), in their order."""
         index = np.flatnonzero(keep) if keep.dtype == bool else np.asarray(keep)
         lengths = self.lengths[index]
-        events = (
-            np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in index])
-            if len(index)
-            else []
-        )
-        events = np.asarray(events, dtype=np.int64)
+        spans = [np.arange(self.offsets[i], self.offsets[i + 1]) for i in index]
+        events: np.ndarray = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
         per_event = {"tokens", "ts", "gap_ms", "line"}
         values = {
             f.name: getattr(self, f.name)[events if f.name in per_event else index]
@@ -113,6 +110,5 @@ class Windows:
         rank = {key: i for i, key in enumerate(sessions_in_order)}
         session_rank = np.array([rank[s] for s in self.session])
         return [
-            self.select((session_rank >= lo) & (session_rank < hi))
-            for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+            self.select((session_rank >= lo) & (session_rank < hi)) for lo, hi in itertools.pairwise(edges)
         ]

@@ -28,8 +28,14 @@ def _scrape(
     """Walk the catalogue: every event a new, mostly obscure item (uniform over all items, not popularity)."""
     catalogue = shop[["item_id", "category_id"]].drop_duplicates("item_id")
     picks = catalogue.iloc[rng.choice(len(catalogue), size=n, replace=False)]
-    return pd.DataFrame({"item_id": picks.item_id.to_numpy(), "category_id": picks.category_id.to_numpy(),
-                         "event_type": "pv", "offset_s": np.cumsum(gap(n))})  # fmt: skip
+    return pd.DataFrame(
+        {
+            "item_id": picks.item_id.to_numpy(),
+            "category_id": picks.category_id.to_numpy(),
+            "event_type": "pv",
+            "offset_s": np.cumsum(gap(n)),
+        }
+    )
 
 
 def _click_fraud(
@@ -38,8 +44,14 @@ def _click_fraud(
     """Click the same promoted item or two again and again, never buying."""
     targets = shop.sample(2, random_state=int(rng.integers(1 << 31)))
     picks = targets.iloc[rng.integers(0, 2, n)]
-    return pd.DataFrame({"item_id": picks.item_id.to_numpy(), "category_id": picks.category_id.to_numpy(),
-                         "event_type": "pv", "offset_s": np.cumsum(gap(n))})  # fmt: skip
+    return pd.DataFrame(
+        {
+            "item_id": picks.item_id.to_numpy(),
+            "category_id": picks.category_id.to_numpy(),
+            "event_type": "pv",
+            "offset_s": np.cumsum(gap(n)),
+        }
+    )
 
 
 def _human_gaps(rng: np.random.Generator) -> Callable[[int], np.ndarray]:
@@ -53,12 +65,28 @@ def _script_gaps(rng: np.random.Generator, period: float) -> Callable[[int], np.
 ATTACKS: dict[str, Attack] = {
     a.name: a
     for a in [
-        Attack("scraping-crude", "OAT-011", lambda r, s: _scrape(r, s, n=int(r.integers(40, 120)), gap=_script_gaps(r, 1.0))),
-        Attack("scraping-mimic", "OAT-011", lambda r, s: _scrape(r, s, n=int(r.integers(6, 25)), gap=_human_gaps(r))),
-        Attack("click-fraud-crude", "OAT-016", lambda r, s: _click_fraud(r, s, n=int(r.integers(20, 60)), gap=_script_gaps(r, 2.0))),
-        Attack("click-fraud-mimic", "OAT-016", lambda r, s: _click_fraud(r, s, n=int(r.integers(5, 15)), gap=_human_gaps(r))),
+        Attack(
+            "scraping-crude",
+            "OAT-011",
+            lambda r, s: _scrape(r, s, n=int(r.integers(40, 120)), gap=_script_gaps(r, 1.0)),
+        ),
+        Attack(
+            "scraping-mimic",
+            "OAT-011",
+            lambda r, s: _scrape(r, s, n=int(r.integers(6, 25)), gap=_human_gaps(r)),
+        ),
+        Attack(
+            "click-fraud-crude",
+            "OAT-016",
+            lambda r, s: _click_fraud(r, s, n=int(r.integers(20, 60)), gap=_script_gaps(r, 2.0)),
+        ),
+        Attack(
+            "click-fraud-mimic",
+            "OAT-016",
+            lambda r, s: _click_fraud(r, s, n=int(r.integers(5, 15)), gap=_human_gaps(r)),
+        ),
     ]
-}  # fmt: skip
+}
 
 
 def inject(shop: pd.DataFrame, attacks: dict[str, int], seed: int = 0) -> pd.DataFrame:
@@ -74,7 +102,8 @@ def inject(shop: pd.DataFrame, attacks: dict[str, int], seed: int = 0) -> pd.Dat
         attack = ATTACKS[name]
         for _ in range(count):
             session = attack.sessions(rng, shop)
-            session["timestamp"] = (rng.integers(start, end) + session.pop("offset_s")).astype(np.int64)
+            offsets = session.pop("offset_s").to_numpy()
+            session["timestamp"] = (int(rng.integers(start, end)) + offsets).astype(np.int64)
             frames.append(session.assign(user_id=next_user, attack=name))
             next_user += 1
     out = pd.concat(frames, ignore_index=True)

@@ -1,0 +1,189 @@
+"""`fedanom train` and `fedanom score`: what a merchant runs on its own machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import pandas as pd
+import typer
+from fedanom.client.detector import BehaviourDetector
+from fedanom.client.training import TrainSettings
+from fedanom.common.errors import FedanomError
+from fedanom.common.model import LoraSettings
+from fedanom.common.privacy import PrivacyLedger
+from fedanom.common.scoring import aggregate, explain
+from fedanom.common.windows import Windows
+
+from fedanom.options import DataSource, data_options, err, progress_bar, session_config
+
+
+@data_options()
+def train(
+    source: DataSource,
+    base: Annotated[Path, typer.Option("--base", help="Backbone directory (from `fedanom pretrain`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Detector directory to write.")],
+    epsilon: Annotated[
+        float, typer.Option("--epsilon", help="This merchant's total privacy budget ε.")
+    ] = 8.0,
+    delta: Annotated[
+        float | None, typer.Option("--delta", help="δ (default 1/training sessions; fixed at first use).")
+    ] = None,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without differential privacy.")] = False,
+    labels: Annotated[
+        Path | None,
+        typer.Option("--labels", help="CSV of known sessions: session_id (or user_id), label (1=attack)."),
+    ] = None,
+    state_dir: Annotated[
+        Path, typer.Option("--state-dir", help="Where this merchant's privacy ledger lives across runs.")
+    ] = Path(".fedanom-state"),
+    epochs: Annotated[float, typer.Option("--epochs")] = 3.0,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    learning_rate: Annotated[float, typer.Option("--learning-rate")] = 2e-2,
+    max_grad_norm: Annotated[
+        float, typer.Option("--max-grad-norm", help="Per-session clipping bound.")
+    ] = 1.0,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 8,
+    alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = 16,
+    full_lora: Annotated[
+        bool, typer.Option("--full-lora", help="Train LoRA A too (default: FFA-LoRA).")
+    ] = False,
+    alert_rate: Annotated[
+        float, typer.Option("--alert-rate", help="Share of normal sessions to flag.")
+    ] = 0.01,
+    session_gap: Annotated[
+        float, typer.Option("--session-gap", help="Minutes of inactivity ending a session.")
+    ] = 30.0,
+    window: Annotated[int, typer.Option("--window", help="Most events in one scored window.")] = 128,
+    device: Annotated[
+        str | None, typer.Option("--device", help="cpu or cuda (default: cuda if present).")
+    ] = None,
+) -> None:
+    """Fit a detector on this merchant's own events, with DP: adapter + calibration, saved to --out."""
+    session = session_config(session_gap, window)
+    ingested = source.read(default_quarantine=out.with_name(out.name + ".quarantine.csv"), config=session)
+    windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
+    known = _read_labels(labels, windows) if labels else None
+    detector = BehaviourDetector.from_backbone(
+        base,
+        ingested.popularity,
+        lora=LoraSettings(rank=rank, alpha=alpha, ffa=not full_lora),
+        session=session,
+        device=device,
+    )
+    settings = TrainSettings(
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        max_grad_norm=max_grad_norm,
+        dp=not no_dp,
+    )
+    ledger = None
+    if not no_dp:
+        ledger = PrivacyLedger.open(state_dir, epsilon_budget=epsilon, delta=delta or 1.0 / windows.n_windows)
+    err.print(
+        f"training on {windows.n_windows:,} sessions "
+        f"({ingested.report.rows_kept:,} events) of {source.data.name}"
+    )
+    report = detector.fit(windows, known, train=settings, ledger=ledger, alert_rate=alert_rate)
+    detector.provenance["data"] = source.data.name
+    detector.save(out)
+    privacy = "no differential privacy"
+    if report.epsilon_spent is not None:
+        privacy = f"ε={report.epsilon_spent:.2f} of {epsilon:g} spent (δ={report.delta:.2g})"
+    typer.echo(
+        f"detector written to {out}: {report.steps} steps, loss {report.mean_loss:.3f}, {privacy}; "
+        f"score = {detector.aggregation} event surprise, threshold {detector.threshold():.3f} "
+        f"at {alert_rate:.1%} alerts"
+    )
+
+
+@data_options()
+def score(
+    source: DataSource,
+    model: Annotated[Path, typer.Option("--model", "-m", help="Detector directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Scores file: .csv or .parquet.")],
+    explain_events: Annotated[
+        bool, typer.Option("--explain", help="Add the most surprising events of each session, in words.")
+    ] = False,
+    alert_rate: Annotated[
+        float | None,
+        typer.Option("--alert-rate", help="Share of normal sessions to flag (default: the detector's)."),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="cpu or cuda (default: cuda if present).")
+    ] = None,
+) -> None:
+    """Score every session of a file: id, user, score, rank, flag (and why, with --explain)."""
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        raise FedanomError(f"--out {out} must end in .csv or .parquet")
+    detector = BehaviourDetector.load(model, device)
+    threshold = detector.threshold(alert_rate)
+    ingested = source.read(
+        default_quarantine=out.with_name(out.name + ".quarantine.csv"),
+        config=detector.session,
+        popularity=detector.popularity,
+    )
+    parts = []
+    with progress_bar("scoring", total=ingested.builder.n_partitions, unit_bytes=False) as bar:
+        for batch in ingested.batches():
+            windows = Windows.from_batches([batch], detector.popularity, ingested.report)
+            surprise = detector.surprise(windows)
+            frame = pd.DataFrame(
+                {
+                    "session_id": windows.session,
+                    "user_id": windows.user,
+                    "start": pd.to_datetime(windows.start_ms, unit="ms", utc=True),
+                    "events": windows.lengths,
+                    "score": aggregate(surprise, windows, detector.aggregation),
+                }
+            )
+            if explain_events:
+                frame["explanation"] = [
+                    " | ".join(explain(surprise, windows, i)) for i in range(windows.n_windows)
+                ]
+            parts.append(frame)
+            bar.advance()
+    sessions = _per_session(pd.concat(parts, ignore_index=True), explain_events)
+    sessions["flag"] = sessions.score > threshold
+    if out.suffix.lower() == ".parquet":
+        sessions.to_parquet(out, index=False)
+    else:
+        sessions.to_csv(out, index=False)
+    typer.echo(
+        f"scored {len(sessions):,} sessions ({ingested.report.rows_kept:,} events) into {out}: "
+        f"{int(sessions.flag.sum()):,} flagged at threshold {threshold:.3f}"
+    )
+
+
+def _per_session(windows: pd.DataFrame, with_explanations: bool) -> pd.DataFrame:
+    """A session's score is its most anomalous window's; its explanation comes from that window."""
+    best = windows.sort_values("score", ascending=False, kind="stable").drop_duplicates("session_id")
+    totals = windows.groupby("session_id", sort=False).events.sum()
+    best = best.assign(events=best.session_id.map(totals).to_numpy())
+    best = best.reset_index(drop=True)
+    best.insert(0, "rank", np.arange(1, len(best) + 1))
+    columns = ["session_id", "user_id", "start", "events", "score", "rank"]
+    return best[columns + (["explanation"] if with_explanations else [])]
+
+
+def _read_labels(path: Path, windows: Windows) -> np.ndarray:
+    """One 0/1 label per window from a CSV keyed by session_id or user_id; unlisted sessions count as 0."""
+    try:
+        table = pd.read_csv(path, dtype=str)
+    except (OSError, ValueError) as exc:
+        raise FedanomError(f"{path} cannot be read as a labels CSV ({exc})") from None
+    key = next((k for k in ("session_id", "user_id") if k in table.columns), None)
+    if key is None or "label" not in table.columns:
+        raise FedanomError(f"{path} needs a label column and a session_id or user_id column")
+    values = pd.to_numeric(table["label"], errors="coerce")
+    bad = values.isna() | ~values.isin([0, 1])
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0]) + 2
+        raise FedanomError(
+            f"{path}: line {row}, column 'label': must be 0 or 1, not '{table['label'].iloc[row - 2]}'"
+        )
+    lookup = dict(zip(table[key], values.astype(int), strict=True))
+    ids = windows.session if key == "session_id" else windows.user
+    return np.array([lookup.get(i, 0) for i in ids], dtype=np.int8)

@@ -1,0 +1,146 @@
+"""The detector: quality floor on a seeded shop with bots, the artifact on disk, plain-peft loading."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from fedanom.client.detector import BehaviourDetector
+from fedanom.client.training import TrainSettings
+from fedanom.common.artifact import save_backbone
+from fedanom.common.errors import FedanomError
+from fedanom.common.ingest import ingest
+from fedanom.common.model import BackboneConfig, next_token_nll, pad_batch
+from fedanom.common.presets import resolve_preset
+from fedanom.common.privacy import PrivacyLedger
+from fedanom.common.windows import Windows
+from fedanom.server.pretrain import pretrain_backbone
+from fedanom.simulations.attacks import ATTACKS, inject
+from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
+from peft import PeftModel
+from sklearn.ensemble import IsolationForest
+from sklearn.metrics import roc_auc_score
+from transformers import AutoModelForCausalLM
+
+
+def windows_of(frame: pd.DataFrame, path: Path) -> Windows:
+    write_taobao_csv(frame, path)
+    ingested = ingest(path, resolve_preset("taobao"))
+    return Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
+
+
+@dataclass
+class Fitted:
+    detector: BehaviourDetector
+    base: Path
+    dev: Windows
+    test: Windows
+    test_labels: np.ndarray
+    test_kinds: np.ndarray
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> Fitted:
+    """A backbone pretrained on one synthetic shop; a DP detector (ε = 8) fitted on another with bots."""
+    root = tmp_path_factory.mktemp("detector")
+    public = windows_of(
+        generate_shop(ShopConfig(n_events=40_000, n_users=4_000, n_items=12_000), seed=100), root / "p.csv"
+    )
+    model, _ = pretrain_backbone(
+        public, BackboneConfig(), TrainSettings(dp=False, epochs=2, learning_rate=3e-3)
+    )
+    base = root / "base"
+    save_backbone(model, base, {"test": True})
+
+    shop = generate_shop(ShopConfig(n_events=30_000, n_users=3_000, n_items=8_000), seed=1)
+    frame = inject(shop, {name: 15 for name in ATTACKS}, seed=2)
+    windows = windows_of(frame, root / "merchant.csv")
+    kind_of = dict(zip(frame.user_id.astype(str), frame.attack, strict=False))
+    dev, test = windows.chronological_split(0.75, 0.25)
+    ledger = PrivacyLedger(epsilon_budget=8.0, delta=1.0 / dev.n_windows)
+    detector = BehaviourDetector.from_backbone(
+        base, ingest(root / "merchant.csv", resolve_preset("taobao")).popularity
+    )
+    detector.fit(dev, train=TrainSettings(epochs=3), ledger=ledger)
+    kinds = np.array([kind_of[u] for u in test.user])
+    return Fitted(detector, base, dev, test, kinds != "", kinds)
+
+
+def test_dp_detector_reaches_the_quality_floor_and_beats_isolation_forest(fitted: Fitted) -> None:
+    scores = fitted.detector.decision_function(fitted.test)
+    assert fitted.test_labels.sum() >= 10
+    auroc = roc_auc_score(fitted.test_labels, scores)
+    forest = IsolationForest(random_state=0).fit(fitted.dev.features)
+    forest_auroc = roc_auc_score(fitted.test_labels, -forest.score_samples(fitted.test.features))
+    assert fitted.detector.provenance["epsilon"] <= 8.0
+    assert auroc >= 0.9, f"AUROC {auroc:.3f}"
+    assert auroc > forest_auroc, f"detector {auroc:.3f} vs IsolationForest {forest_auroc:.3f}"
+    # each crude attack is caught nearly perfectly
+    for kind in ("scraping-crude", "click-fraud-crude"):
+        keep = (fitted.test_kinds == kind) | ~fitted.test_labels
+        assert roc_auc_score(fitted.test_labels[keep], scores[keep]) >= 0.95, kind
+
+
+def test_predict_flags_about_the_alert_rate_of_normal_sessions(fitted: Fitted) -> None:
+    normal = fitted.test.select(~fitted.test_labels)
+    rate = fitted.detector.predict(normal).mean()
+    assert 0.0 < rate < 0.05  # calibrated at 1% on earlier sessions; drift allowed, not 5x
+    assert fitted.detector.predict(normal, alert_rate=0.2).mean() > rate
+
+
+def test_explanations_name_lines_and_odds(fitted: Fitted) -> None:
+    i = int(np.argmax(fitted.detector.decision_function(fitted.test)))
+    lines = fitted.detector.explain(fitted.test, i)
+    assert len(lines) == 3
+    assert all("under this shop's model" in line and "1-in-" in line for line in lines)
+    assert any(line.startswith("line ") for line in lines)
+
+
+def test_artifact_round_trip_gives_the_same_scores(fitted: Fitted, tmp_path: Path) -> None:
+    fitted.detector.save(tmp_path / "det")
+    again = BehaviourDetector.load(tmp_path / "det")
+    assert again.aggregation == fitted.detector.aggregation
+    assert again.threshold() == fitted.detector.threshold()
+    np.testing.assert_allclose(
+        again.decision_function(fitted.test), fitted.detector.decision_function(fitted.test), rtol=1e-6
+    )
+
+
+def test_adapter_loads_with_plain_peft(fitted: Fitted, tmp_path: Path) -> None:
+    fitted.detector.save(tmp_path / "det")
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(fitted.base), tmp_path / "det" / "adapter"
+    )
+    ids, mask = pad_batch([fitted.test.framed(0)])
+    with torch.inference_mode():
+        expected = next_token_nll(fitted.detector.model, ids, mask)
+        logits = plain(input_ids=ids, attention_mask=mask).logits[0, :-1]
+        got = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+    torch.testing.assert_close(got, expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_tampered_adapter_is_refused(fitted: Fitted, tmp_path: Path) -> None:
+    fitted.detector.save(tmp_path / "det")
+    weights = tmp_path / "det" / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(FedanomError, match="does not match its checksum"):
+        BehaviourDetector.load(tmp_path / "det")
+
+
+def test_a_different_backbone_is_refused(fitted: Fitted, tmp_path: Path) -> None:
+    shutil.copytree(fitted.base, tmp_path / "base")
+    fitted.detector.backbone_dir = tmp_path / "base"
+    try:
+        fitted.detector.save(tmp_path / "det")
+    finally:
+        fitted.detector.backbone_dir = fitted.base
+    save_backbone(BackboneConfig().build(seed=7), tmp_path / "base", {"test": "another"})
+    with pytest.raises(FedanomError, match="not the one this detector was trained on"):
+        BehaviourDetector.load(tmp_path / "det")

@@ -1,0 +1,133 @@
+"""Differential privacy: Opacus's gradients are what they claim, ε is the accountant's, the budget holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fedanom.client.training import TrainSettings, collate, make_private, sequence_loss, train_model
+from fedanom.common.model import BackboneConfig, LoraSettings, attach_lora, pad_batch, trainable_state
+from fedanom.common.privacy import BudgetExhausted, PrivacyLedger
+from fedanom.common.tokens import BOS, EOS
+from fedanom.common.windows import Windows
+from opacus.accountants import RDPAccountant
+from torch.utils.data import DataLoader
+
+TINY = BackboneConfig(d_model=32, n_layers=1, n_heads=2, max_events=16, dropout=0.0)
+
+
+def sequences(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [np.array([BOS, *rng.integers(3, 500, rng.integers(1, 12)), EOS]) for _ in range(n)]
+
+
+def toy_windows(n: int, seed: int = 0) -> Windows:
+    seqs = [s[1:-1] for s in sequences(n, seed)]
+    lengths = np.array([len(s) for s in seqs])
+    events = int(lengths.sum())
+    return Windows(
+        tokens=np.concatenate(seqs).astype(np.int32),
+        ts=np.arange(events, dtype=np.int64),
+        gap_ms=np.zeros(events, dtype=np.int64),
+        line=np.arange(events, dtype=np.int64),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        session=np.array([f"s{i}" for i in range(n)], dtype=object),
+        user=np.array([f"u{i}" for i in range(n)], dtype=object),
+        window_index=np.zeros(n, dtype=np.int32),
+        closes_session=np.ones(n, dtype=bool),
+        start_ms=np.arange(n, dtype=np.int64),
+        features=np.zeros((n, 1), dtype=np.float32),
+    )
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+@pytest.mark.parametrize("ffa", [True, False])
+def test_dp_gradient_is_the_mean_of_per_example_gradients(mode: str, ffa: bool) -> None:
+    """With no noise and a clip bound no gradient reaches, DP-SGD's gradient is the plain mean."""
+    model = attach_lora(TINY.build(seed=1), LoraSettings(rank=4, ffa=ffa))
+    # give B non-zero values so every LoRA parameter has a non-trivial gradient
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = sequences(6, seed=2)
+
+    per_example = []
+    for seq in batch:
+        ids, mask = pad_batch([seq])
+        per_example.append(torch.autograd.grad(sequence_loss(model, ids, mask), params))
+    expected = [torch.stack(g).mean(0) for g in zip(*per_example, strict=True)]
+
+    loader: DataLoader[np.ndarray] = DataLoader(batch, batch_size=len(batch), collate_fn=collate)  # type: ignore[arg-type]
+    ledger = PrivacyLedger(epsilon_budget=8.0, delta=1e-5)
+    settings = TrainSettings(max_grad_norm=1e6, grad_sample_mode=mode)
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    dp_model, dp_optimizer, dp_loader, _ = make_private(
+        model,
+        optimizer,
+        loader,
+        settings=settings,
+        ledger=ledger,
+        noise_multiplier=0.0,
+        poisson_sampling=False,
+    )
+    ids, mask = next(iter(dp_loader))
+    sequence_loss(dp_model, ids, mask).backward()
+    dp_optimizer.step()
+    assert len(params) == len(expected) > 0
+    for p, want in zip(params, expected, strict=True):
+        assert p.grad is not None
+        error = (p.grad - want).norm() / want.norm()
+        assert error <= 1e-5, f"relative error {error:.2e}"
+
+
+def test_one_dp_step_changes_the_adapter_and_only_b_under_ffa() -> None:
+    model = attach_lora(TINY.build(seed=1), LoraSettings(rank=4, ffa=True))
+    a_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    before = trainable_state(model)
+    assert before and all("lora_B" in n for n in before)
+    ledger = PrivacyLedger(epsilon_budget=8.0, delta=1e-3)
+    report = train_model(model, toy_windows(200), TrainSettings(epochs=0.01, batch_size=16), ledger=ledger)
+    assert report.steps == 1
+    after = trainable_state(model)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    for n, p in model.named_parameters():
+        if "lora_A" in n:
+            assert torch.equal(p.detach(), a_before[n])
+
+
+def test_reported_epsilon_is_the_accountants_for_the_steps_taken(tmp_path: Path) -> None:
+    ledger = PrivacyLedger.open(tmp_path, epsilon_budget=4.0, delta=1e-3)
+    report = train_model(
+        attach_lora(TINY.build(), LoraSettings(rank=2)),
+        toy_windows(300),
+        TrainSettings(epochs=1.0, batch_size=30),
+        ledger=ledger,
+    )
+    assert report.noise_multiplier is not None and report.epsilon_spent is not None
+    independent = RDPAccountant()
+    independent.history = [(report.noise_multiplier, 30 / 300, report.steps)]
+    assert report.epsilon_spent == pytest.approx(independent.get_epsilon(1e-3), rel=1e-9)
+    assert report.epsilon_spent <= 4.0
+    reopened = PrivacyLedger.open(tmp_path, epsilon_budget=4.0, delta=0.5)
+    assert reopened.delta == 1e-3  # δ is fixed at first use
+    assert reopened.spent() == pytest.approx(report.epsilon_spent, rel=1e-12)
+
+
+def test_the_budget_is_never_exceeded_across_runs(tmp_path: Path) -> None:
+    model = attach_lora(TINY.build(), LoraSettings(rank=2))
+    windows = toy_windows(100)
+    spent = []
+    with pytest.raises(BudgetExhausted, match="privacy budget exhausted"):
+        for _ in range(50):
+            ledger = PrivacyLedger.open(tmp_path, epsilon_budget=1.0, delta=1e-3)
+            report = train_model(model, windows, TrainSettings(epochs=2.0, batch_size=50), ledger=ledger)
+            assert report.epsilon_spent is not None
+            spent.append(report.epsilon_spent)
+    assert len(spent) >= 1
+    assert all(e <= 1.0 for e in spent)
+    assert spent == sorted(spent)  # ε only accumulates
+    assert PrivacyLedger.open(tmp_path, epsilon_budget=1.0, delta=1e-3).spent() <= 1.0
