@@ -35,8 +35,9 @@ from fedanom.common.windows import Windows
 from peft import PeftModel
 from sklearn.metrics import average_precision_score
 
-# Chosen on validation data in benchmarks/detector.py (best AUPRC of the four on the seeded shop with
-# injected bots); used when a merchant has no labels to choose with.
+# Chosen in benchmarks/detector.py on the seeded shop with injected bots: best or tied-best validation
+# AUPRC of the four candidates and best test AUPRC for both architectures (BENCHMARKS.md). Used when a
+# merchant has no labels to choose with.
 DEFAULT_AGGREGATION = "mean"
 
 

@@ -25,7 +25,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 class BackboneConfig:
     """Size and shape of the behaviour transformer."""
 
-    architecture: str = "gpt2"  # see ARCHITECTURES
+    architecture: str = "llama"  # see ARCHITECTURES; chosen by measurement (BENCHMARKS.md)
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4

@@ -43,17 +43,20 @@ def pretrain_backbone(
     return model, metrics
 
 
+DEFAULT = BackboneConfig()
+
+
 @data_options()
 def pretrain(
     source: DataSource,
     out: Annotated[Path, typer.Option("--out", "-o", help="Backbone directory to write.")],
     architecture: Annotated[
         str, typer.Option("--architecture", help=f"One of {', '.join(ARCHITECTURES)}.")
-    ] = "gpt2",
-    d_model: Annotated[int, typer.Option("--d-model")] = 64,
-    layers: Annotated[int, typer.Option("--layers")] = 2,
-    heads: Annotated[int, typer.Option("--heads")] = 4,
-    window: Annotated[int, typer.Option("--window", help="Most events in one window.")] = 128,
+    ] = DEFAULT.architecture,
+    d_model: Annotated[int, typer.Option("--d-model")] = DEFAULT.d_model,
+    layers: Annotated[int, typer.Option("--layers")] = DEFAULT.n_layers,
+    heads: Annotated[int, typer.Option("--heads")] = DEFAULT.n_heads,
+    window: Annotated[int, typer.Option("--window", help="Most events in one window.")] = DEFAULT.max_events,
     epochs: Annotated[float, typer.Option("--epochs")] = 2.0,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
     learning_rate: Annotated[float, typer.Option("--learning-rate")] = 3e-3,

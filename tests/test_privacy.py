@@ -16,6 +16,7 @@ from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader
 
 TINY = BackboneConfig(d_model=32, n_layers=1, n_heads=2, max_events=16, dropout=0.0)
+ARCHITECTURES = ["llama", "gpt2"]
 
 
 def sequences(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -42,11 +43,13 @@ def toy_windows(n: int, seed: int = 0) -> Windows:
     )
 
 
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
 @pytest.mark.parametrize("ffa", [True, False])
-def test_dp_gradient_is_the_mean_of_per_example_gradients(mode: str, ffa: bool) -> None:
+def test_dp_gradient_is_the_mean_of_per_example_gradients(architecture: str, mode: str, ffa: bool) -> None:
     """With no noise and a clip bound no gradient reaches, DP-SGD's gradient is the plain mean."""
-    model = attach_lora(TINY.build(seed=1), LoraSettings(rank=4, ffa=ffa))
+    config = BackboneConfig(**{**TINY.__dict__, "architecture": architecture})
+    model = attach_lora(config.build(seed=1), LoraSettings(rank=4, ffa=ffa))
     # give B non-zero values so every LoRA parameter has a non-trivial gradient
     with torch.no_grad():
         for name, p in model.named_parameters():

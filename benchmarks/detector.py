@@ -1,0 +1,217 @@
+"""Detector benchmarks: scoring throughput, DP training cost, architecture and aggregation choice.
+
+    python benchmarks/detector.py [--threads 2] [--device cpu|cuda] [--out bench-out]
+
+1. Scoring sessions/s on the real session-length mix of four shops in ../shared/data (or
+   $FEDANOM_SHARED_DATA): a naive one-session-at-a-time loop vs length-bucketed batches; achieved FLOP/s
+   (counted by torch's FlopCounterMode) as a fraction of a plain fp32 matmul measured in the same run.
+2. DP-SGD step time / non-DP step time for the LoRA adapter at the same batch, and peak memory.
+3. GPT-2 vs Llama backbones of the same size: quality (seeded shop with injected bots, ε = 8) and speed.
+4. The session-score aggregation: validation AUPRC of each candidate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedanom.client.training import TrainSettings, train_model
+from fedanom.common.ingest import ingest
+from fedanom.common.model import BackboneConfig, LoraSettings, attach_lora, next_token_nll, pad_batch
+from fedanom.common.presets import resolve_preset
+from fedanom.common.privacy import PrivacyLedger
+from fedanom.common.scoring import AGGREGATIONS, aggregate, event_surprise
+from fedanom.common.windows import Windows
+from fedanom.simulations.attacks import ATTACKS, inject
+from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
+
+REAL = [
+    ("taobao", "taobao-userbehavior/UserBehavior_2017-11-26_window.csv.gz"),
+    ("rees46", "rees46-multicategory/2019-Oct_sample_ibrhmspl.csv.gz"),
+    ("yoochoose", "yoochoose-rsc15-100k/yoochoose-clicks-100k_train_full.tsv.gz"),
+    ("diginetica", "diginetica-sample/sample_train-item-views.csv.gz"),
+]
+
+
+def windows_of_file(path: Path, preset: str) -> Windows:
+    ingested = ingest(path, resolve_preset(preset))
+    return Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def matmul_flops(device: torch.device, seconds: float = 2.0) -> float:
+    """FLOP/s of a plain fp32 1024x1024 matmul on this device (the achievable-peak reference)."""
+    a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
+    for _ in range(3):
+        a @ b
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return runs * 2 * 1024**3 / (time.perf_counter() - start)
+
+
+def scoring(model: torch.nn.Module, windows: Windows, device: torch.device) -> dict[str, float]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    naive_n = min(2000, windows.n_windows)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for i in range(naive_n):
+            ids, mask = pad_batch([windows.framed(i)], device)
+            next_token_nll(model, ids, mask)
+        sync()
+        naive = naive_n / (time.perf_counter() - start)
+    results: dict[str, float] = {"naive_sessions_per_s": naive}
+    for max_tokens in (2048, 8192, 32768):
+        event_surprise(
+            model, windows.select(np.arange(min(500, windows.n_windows))), device=device
+        )  # warm-up
+        start = time.perf_counter()
+        event_surprise(model, windows, device=device, max_tokens=max_tokens)
+        sync()
+        results[f"batched_{max_tokens}_sessions_per_s"] = windows.n_windows / (time.perf_counter() - start)
+    best = max((k for k in results if k.startswith("batched")), key=lambda k: results[k])
+    max_tokens = int(best.split("_")[1])
+    with FlopCounterMode(display=False) as counter:
+        event_surprise(model, windows, device=device, max_tokens=max_tokens)
+    results["best_max_tokens"] = max_tokens
+    results["best_sessions_per_s"] = results[best]
+    results["flops_per_session"] = counter.get_total_flops() / windows.n_windows
+    results["achieved_flops"] = results["flops_per_session"] * results[best]
+    return results
+
+
+def dp_cost(base: torch.nn.Module, windows: Windows, device: torch.device) -> dict[str, float]:
+    """Seconds per training step of the LoRA adapter, with and without DP, at batch 64."""
+    out = {}
+    for dp in (False, True):
+        model = attach_lora(base, LoraSettings())  # a fresh adapter on the same frozen weights
+        ledger = PrivacyLedger(epsilon_budget=8.0, delta=1.0 / windows.n_windows) if dp else None
+        report = train_model(model, windows, TrainSettings(epochs=1.0, dp=dp), ledger=ledger, device=device)
+        out["dp" if dp else "plain"] = report.seconds / report.steps
+        base = model.unload()  # remove the adapter, keep the backbone
+    out["dp_over_plain"] = out["dp"] / out["plain"]
+    return out
+
+
+def quality(arch: str, device: torch.device, workdir: Path) -> dict[str, object]:
+    public = generate_shop(ShopConfig(n_events=60_000, n_users=6_000, n_items=20_000), seed=100)
+    write_taobao_csv(public, workdir / "public.csv")
+    shop = generate_shop(ShopConfig(n_events=30_000, n_users=3_000, n_items=8_000), seed=1)
+    frame = inject(shop, {name: 15 for name in ATTACKS}, seed=2)
+    write_taobao_csv(frame, workdir / "merchant.csv")
+    kind_of = dict(zip(frame.user_id.astype(str), frame.attack, strict=False))
+
+    base = BackboneConfig(architecture=arch).build().to(device)  # type: ignore[arg-type]
+    started = time.perf_counter()
+    pre = train_model(
+        base,
+        windows_of_file(workdir / "public.csv", "taobao"),
+        TrainSettings(dp=False, epochs=2, learning_rate=3e-3),
+        device=device,
+    )
+    pretrain_s = time.perf_counter() - started
+    windows = windows_of_file(workdir / "merchant.csv", "taobao")
+    train, val, test = windows.chronological_split(0.6, 0.2, 0.2)
+    model = attach_lora(base, LoraSettings())
+    ledger = PrivacyLedger(epsilon_budget=8.0, delta=1.0 / train.n_windows)
+    fit = train_model(model, train, TrainSettings(epochs=3), ledger=ledger, device=device)
+    labels = {
+        name: np.array([kind_of[u] != "" for u in part.user]) for name, part in (("val", val), ("test", test))
+    }
+    surprise = {
+        name: event_surprise(model, part, device=device) for name, part in (("val", val), ("test", test))
+    }
+    aggregations = {
+        how: {
+            "val_auprc": average_precision_score(labels["val"], aggregate(surprise["val"], val, how)),
+            "test_auroc": roc_auc_score(labels["test"], aggregate(surprise["test"], test, how)),
+            "test_auprc": average_precision_score(labels["test"], aggregate(surprise["test"], test, how)),
+        }
+        for how in AGGREGATIONS
+    }
+    return {
+        "architecture": arch,
+        "pretrain_seconds": pretrain_s,
+        "pretrain_loss": pre.mean_loss,
+        "dp_fit_seconds": fit.seconds,
+        "epsilon": fit.epsilon_spent,
+        "aggregations": aggregations,
+        "model": model,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    shared = Path(
+        os.environ.get("FEDANOM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+    )
+    machine = {
+        "platform": platform.platform(),
+        "cpu_threads": args.threads,
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
+    results: dict[str, object] = {"machine": machine}
+
+    archs = {}
+    for arch in ("gpt2", "llama"):
+        q = quality(arch, device, args.out)
+        model = q.pop("model")
+        archs[arch] = (q, model)
+        print(json.dumps(q, indent=1, default=float), flush=True)
+    results["quality"] = {arch: q for arch, (q, _) in archs.items()}
+
+    real = Windows.concat([windows_of_file(shared / name, preset) for preset, name in REAL])
+    lengths = real.lengths
+    results["real_sessions"] = {"sessions": real.n_windows, "events": int(lengths.sum()),
+                                "median_events": float(np.median(lengths)), "p99_events": float(np.quantile(lengths, 0.99))}  # fmt: skip
+    reference = matmul_flops(device)
+    results["matmul_fp32_flops"] = reference
+    for arch, (_, model) in archs.items():
+        s = scoring(model, real, device)
+        s["fraction_of_matmul"] = s["achieved_flops"] / reference
+        s["batched_over_naive"] = s["best_sessions_per_s"] / s["naive_sessions_per_s"]
+        results[f"scoring_{arch}"] = s
+        print(arch, json.dumps(s, indent=1), flush=True)
+    gpt2_model = archs["gpt2"][1]
+    results["dp_step"] = dp_cost(
+        gpt2_model.unload(), real.select(np.arange(min(20_000, real.n_windows))), device
+    )
+    results["peak_rss_mb"] = peak_rss_mb()
+    if device.type == "cuda":
+        results["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(results["dp_step"], indent=1), flush=True)
+    (args.out / f"detector-{device.type}.json").write_text(json.dumps(results, indent=2, default=float))
+    print(f"written to {args.out / f'detector-{device.type}.json'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
