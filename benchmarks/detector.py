@@ -23,9 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
-from torch.utils.flop_counter import FlopCounterMode
-
 from fedanom.client.training import TrainSettings, train_model
 from fedanom.common.ingest import ingest
 from fedanom.common.model import BackboneConfig, LoraSettings, attach_lora, next_token_nll, pad_batch
@@ -35,6 +32,8 @@ from fedanom.common.scoring import AGGREGATIONS, aggregate, event_surprise
 from fedanom.common.windows import Windows
 from fedanom.simulations.attacks import ATTACKS, inject
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
+from sklearn.metrics import average_precision_score, roc_auc_score
+from torch.utils.flop_counter import FlopCounterMode
 
 REAL = [
     ("taobao", "taobao-userbehavior/UserBehavior_2017-11-26_window.csv.gz"),
@@ -191,8 +190,12 @@ def main() -> None:
 
     real = Windows.concat([windows_of_file(shared / name, preset) for preset, name in REAL])
     lengths = real.lengths
-    results["real_sessions"] = {"sessions": real.n_windows, "events": int(lengths.sum()),
-                                "median_events": float(np.median(lengths)), "p99_events": float(np.quantile(lengths, 0.99))}  # fmt: skip
+    results["real_sessions"] = {
+        "sessions": real.n_windows,
+        "events": int(lengths.sum()),
+        "median_events": float(np.median(lengths)),
+        "p99_events": float(np.quantile(lengths, 0.99)),
+    }
     reference = matmul_flops(device)
     results["matmul_fp32_flops"] = reference
     for arch, (_, model) in archs.items():
