@@ -20,6 +20,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -32,8 +33,10 @@ from fedanom.common.scoring import AGGREGATIONS, aggregate, event_surprise
 from fedanom.common.windows import Windows
 from fedanom.simulations.attacks import ATTACKS, inject
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
+from peft import PeftModel
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import PreTrainedModel
 
 REAL = [
     ("taobao", "taobao-userbehavior/UserBehavior_2017-11-26_window.csv.gz"),
@@ -99,7 +102,7 @@ def scoring(model: torch.nn.Module, windows: Windows, device: torch.device) -> d
     return results
 
 
-def dp_cost(base: torch.nn.Module, windows: Windows, device: torch.device) -> dict[str, float]:
+def dp_cost(base: PreTrainedModel, windows: Windows, device: torch.device) -> dict[str, float]:
     """Seconds per training step of the LoRA adapter, with and without DP, at batch 64."""
     out = {}
     for dp in (False, True):
@@ -107,12 +110,12 @@ def dp_cost(base: torch.nn.Module, windows: Windows, device: torch.device) -> di
         ledger = PrivacyLedger(epsilon_budget=8.0, delta=1.0 / windows.n_windows) if dp else None
         report = train_model(model, windows, TrainSettings(epochs=1.0, dp=dp), ledger=ledger, device=device)
         out["dp" if dp else "plain"] = report.seconds / report.steps
-        base = model.unload()  # remove the adapter, keep the backbone
+        base = cast(PreTrainedModel, model.unload())  # remove the adapter, keep the backbone
     out["dp_over_plain"] = out["dp"] / out["plain"]
     return out
 
 
-def quality(arch: str, device: torch.device, workdir: Path) -> dict[str, object]:
+def quality(arch: str, device: torch.device, workdir: Path) -> tuple[dict[str, object], PeftModel]:
     public = generate_shop(ShopConfig(n_events=60_000, n_users=6_000, n_items=20_000), seed=100)
     write_taobao_csv(public, workdir / "public.csv")
     shop = generate_shop(ShopConfig(n_events=30_000, n_users=3_000, n_items=8_000), seed=1)
@@ -148,15 +151,15 @@ def quality(arch: str, device: torch.device, workdir: Path) -> dict[str, object]
         }
         for how in AGGREGATIONS
     }
-    return {
+    summary = {
         "architecture": arch,
         "pretrain_seconds": pretrain_s,
         "pretrain_loss": pre.mean_loss,
         "dp_fit_seconds": fit.seconds,
         "epsilon": fit.epsilon_spent,
         "aggregations": aggregations,
-        "model": model,
     }
+    return summary, model
 
 
 def main() -> None:
@@ -182,8 +185,7 @@ def main() -> None:
 
     archs = {}
     for arch in ("gpt2", "llama"):
-        q = quality(arch, device, args.out)
-        model = q.pop("model")
+        q, model = quality(arch, device, args.out)
         archs[arch] = (q, model)
         print(json.dumps(q, indent=1, default=float), flush=True)
     results["quality"] = {arch: q for arch, (q, _) in archs.items()}
