@@ -206,9 +206,9 @@ def main() -> None:
         s["batched_over_naive"] = s["best_sessions_per_s"] / s["naive_sessions_per_s"]
         results[f"scoring_{arch}"] = s
         print(arch, json.dumps(s, indent=1), flush=True)
-    gpt2_model = archs["gpt2"][1]
+    default_model = archs[BackboneConfig().architecture][1]
     results["dp_step"] = dp_cost(
-        gpt2_model.unload(), real.select(np.arange(min(20_000, real.n_windows))), device
+        default_model.unload(), real.select(np.arange(min(20_000, real.n_windows))), device
     )
     results["peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
