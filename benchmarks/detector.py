@@ -24,6 +24,11 @@ from typing import cast
 
 import numpy as np
 import torch
+from peft import PeftModel
+from sklearn.metrics import average_precision_score, roc_auc_score
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import PreTrainedModel
+
 from fedanom.client.training import TrainSettings, train_model
 from fedanom.common.ingest import ingest
 from fedanom.common.model import BackboneConfig, LoraSettings, attach_lora, next_token_nll, pad_batch
@@ -33,10 +38,6 @@ from fedanom.common.scoring import AGGREGATIONS, aggregate, event_surprise
 from fedanom.common.windows import Windows
 from fedanom.simulations.attacks import ATTACKS, inject
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
-from peft import PeftModel
-from sklearn.metrics import average_precision_score, roc_auc_score
-from torch.utils.flop_counter import FlopCounterMode
-from transformers import PreTrainedModel
 
 REAL = [
     ("taobao", "taobao-userbehavior/UserBehavior_2017-11-26_window.csv.gz"),
@@ -123,7 +124,7 @@ def quality(arch: str, device: torch.device, workdir: Path) -> tuple[dict[str, o
     write_taobao_csv(frame, workdir / "merchant.csv")
     kind_of = dict(zip(frame.user_id.astype(str), frame.attack, strict=False))
 
-    base = BackboneConfig(architecture=arch).build().to(device)  # type: ignore[arg-type]
+    base = BackboneConfig(architecture=arch).build(device=device)  # type: ignore[arg-type]
     started = time.perf_counter()
     pre = train_model(
         base,
@@ -167,6 +168,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--dp-only", action="store_true", help="only DP vs plain step time, per architecture")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -182,6 +184,17 @@ def main() -> None:
         "torch": torch.__version__,
     }
     results: dict[str, object] = {"machine": machine}
+    real = Windows.concat([windows_of_file(shared / name, preset) for preset, name in REAL])
+    sample = real.select(np.arange(min(20_000, real.n_windows)))
+    if args.dp_only:
+        for arch in ("gpt2", "llama"):  # step times do not depend on the weights: untrained backbones
+            results[f"dp_step_{arch}"] = dp_cost(
+                BackboneConfig(architecture=arch).build().to(device), sample, device
+            )
+            print(arch, json.dumps(results[f"dp_step_{arch}"]), flush=True)
+        results["peak_rss_mb"] = peak_rss_mb()
+        (args.out / f"detector-dp-{device.type}.json").write_text(json.dumps(results, indent=2))
+        return
 
     archs = {}
     for arch in ("gpt2", "llama"):
@@ -190,7 +203,6 @@ def main() -> None:
         print(json.dumps(q, indent=1, default=float), flush=True)
     results["quality"] = {arch: q for arch, (q, _) in archs.items()}
 
-    real = Windows.concat([windows_of_file(shared / name, preset) for preset, name in REAL])
     lengths = real.lengths
     results["real_sessions"] = {
         "sessions": real.n_windows,
@@ -207,9 +219,7 @@ def main() -> None:
         results[f"scoring_{arch}"] = s
         print(arch, json.dumps(s, indent=1), flush=True)
     default_model = archs[BackboneConfig().architecture][1]
-    results["dp_step"] = dp_cost(
-        default_model.unload(), real.select(np.arange(min(20_000, real.n_windows))), device
-    )
+    results["dp_step"] = dp_cost(default_model.unload(), sample, device)
     results["peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
         results["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20

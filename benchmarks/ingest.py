@@ -31,6 +31,7 @@ MODES = {
 def child(mode: str, path: str) -> None:
     """Run one measurement (imports excluded from the time) and print its JSON result."""
     import pandas as pd
+
     from fedanom.common.ingest import ingest
     from fedanom.common.presets import resolve_preset
     from fedanom.common.tokens import encode

@@ -8,14 +8,14 @@ from typing import Annotated
 import numpy as np
 import pandas as pd
 import typer
+
 from fedanom.client.detector import BehaviourDetector
 from fedanom.client.training import TrainSettings
 from fedanom.common.errors import FedanomError
 from fedanom.common.model import LoraSettings
 from fedanom.common.privacy import PrivacyLedger
-from fedanom.common.scoring import aggregate, explain
+from fedanom.common.scoring import explain
 from fedanom.common.windows import Windows
-
 from fedanom.options import DataSource, data_options, err, progress_bar, session_config
 
 
@@ -68,7 +68,7 @@ def train(
     detector = BehaviourDetector.from_backbone(
         base,
         ingested.popularity,
-        lora=LoraSettings(rank=rank, alpha=alpha, ffa=not full_lora),
+        lora=LoraSettings(rank=rank, alpha=alpha, ffa=not full_lora, supervised_head=known is not None),
         session=session,
         device=device,
     )
@@ -136,7 +136,7 @@ def score(
                     "user_id": windows.user,
                     "start": pd.to_datetime(windows.start_ms, unit="ms", utc=True),
                     "events": windows.lengths,
-                    "score": aggregate(surprise, windows, detector.aggregation),
+                    "score": detector.combine(surprise, windows),
                 }
             )
             if explain_events:

@@ -14,6 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft import PeftModel
+from sklearn.metrics import average_precision_score
+
 from fedanom.client.training import TrainReport, TrainSettings, train_model
 from fedanom.common.artifact import (
     Calibration,
@@ -32,8 +35,6 @@ from fedanom.common.scoring import AGGREGATIONS, Surprise, aggregate, event_surp
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.tokens import Popularity
 from fedanom.common.windows import Windows
-from peft import PeftModel
-from sklearn.metrics import average_precision_score
 
 # Chosen in benchmarks/detector.py on the seeded shop with injected bots: best or tied-best validation
 # AUPRC of the four candidates and best test AUPRC for both architectures (BENCHMARKS.md). Used when a
@@ -53,6 +54,7 @@ class BehaviourDetector:
         aggregation: str = DEFAULT_AGGREGATION,
         calibration: Calibration | None = None,
         provenance: dict[str, Any] | None = None,
+        score_mix: dict[str, float] | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
         self.model = model
@@ -63,6 +65,7 @@ class BehaviourDetector:
         self.aggregation = aggregation
         self.calibration = calibration
         self.provenance = provenance or {}
+        self.score_mix = score_mix
         self.device = device
 
     @classmethod
@@ -102,7 +105,7 @@ class BehaviourDetector:
         """Train on the earlier sessions, choose the aggregation and calibrate on the later ones.
 
         `labels` (optional, 1 = known attack) steer the aggregation choice and keep known attacks out of
-        the threshold; training never sees them.
+        the threshold; with a supervised head (LoraSettings.supervised_head) they also train it.
         """
         train = train or TrainSettings()
         if labels is not None and len(labels) != windows.n_windows:
@@ -112,14 +115,24 @@ class BehaviourDetector:
             raise FedanomError(f"{windows.n_windows} sessions are too few to train and validate on")
         if train.dp and ledger is None:
             ledger = PrivacyLedger.open(None, epsilon_budget=8.0, delta=1.0 / fit_part.n_windows)
-        report = train_model(self.model, fit_part, train, ledger=ledger, device=self.device)
+        fit_labels = _labels_for(fit_part, windows, labels) if self.lora.supervised_head else None
+        report = train_model(
+            self.model, fit_part, train, labels=fit_labels, ledger=ledger, device=self.device
+        )
         val_labels = _labels_for(val_part, windows, labels)
         surprise = event_surprise(self.model, val_part, device=self.device)
         self.aggregation = self._choose_aggregation(surprise, val_part, val_labels)
         normal = ~val_labels.astype(bool) if val_labels is not None else np.ones(val_part.n_windows, bool)
-        self.calibration = Calibration.from_scores(
-            aggregate(surprise, val_part, self.aggregation)[normal], alert_rate
-        )
+        if surprise.head is not None:
+            own = aggregate(surprise, val_part, self.aggregation)[normal]
+            head = surprise.head[normal]
+            self.score_mix = {
+                "self_mean": float(own.mean()),
+                "self_std": float(own.std() or 1.0),
+                "head_mean": float(head.mean()),
+                "head_std": float(head.std() or 1.0),
+            }
+        self.calibration = Calibration.from_scores(self.combine(surprise, val_part)[normal], alert_rate)
         self.provenance.update(
             {
                 "trained": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -136,7 +149,17 @@ class BehaviourDetector:
 
     def decision_function(self, windows: Windows) -> np.ndarray:
         """Anomaly score per window (higher = more anomalous)."""
-        return aggregate(self.surprise(windows), windows, self.aggregation)
+        return self.combine(self.surprise(windows), windows)
+
+    def combine(self, surprise: Surprise, windows: Windows) -> np.ndarray:
+        """The score from the model's outputs: the aggregated surprise, plus the head when trained."""
+        own = aggregate(surprise, windows, self.aggregation)
+        mix = self.score_mix
+        if mix is None or surprise.head is None:
+            return own
+        return (own - mix["self_mean"]) / mix["self_std"] + (surprise.head - mix["head_mean"]) / mix[
+            "head_std"
+        ]
 
     def predict(self, windows: Windows, alert_rate: float | None = None) -> np.ndarray:
         """1 where the score passes the calibrated threshold (at the calibrated or a given alert rate)."""
@@ -179,6 +202,7 @@ class BehaviourDetector:
             aggregation=self.aggregation,
             calibration=self.calibration,
             provenance=self.provenance,
+            score_mix=self.score_mix,
         )
         save_detector(directory, self.model, spec, self.popularity)
 
@@ -196,6 +220,7 @@ class BehaviourDetector:
             aggregation=spec.aggregation,
             calibration=spec.calibration,
             provenance=spec.provenance,
+            score_mix=spec.score_mix,
             device=placed,
         )
 

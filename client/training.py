@@ -16,13 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from fedanom.common.errors import FedanomError
-from fedanom.common.model import next_token_nll, pad_batch
-from fedanom.common.privacy import PrivacyLedger
-from fedanom.common.windows import Windows
 from opacus import PrivacyEngine
 from opacus.grad_sample import GradSampleModule
 from torch.utils.data import DataLoader, Dataset
+
+from fedanom.common.errors import FedanomError
+from fedanom.common.model import forward, pad_batch
+from fedanom.common.privacy import PrivacyLedger
+from fedanom.common.windows import Windows
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch")  # "ew" fails on HF models; ghost needs its own loss wrapper
 
@@ -49,37 +50,52 @@ class TrainReport:
     delta: float | None = None
 
 
-class _Framed(Dataset[np.ndarray]):
-    def __init__(self, windows: Windows) -> None:
+Example = tuple[np.ndarray, float]  # a framed window and its label (-1: unknown)
+
+
+class _Framed(Dataset[Example]):
+    def __init__(self, windows: Windows, labels: np.ndarray | None) -> None:
         self.windows = windows
+        self.labels = labels
 
     def __len__(self) -> int:
         return self.windows.n_windows
 
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.windows.framed(i)
+    def __getitem__(self, i: int) -> Example:
+        return self.windows.framed(i), float(self.labels[i]) if self.labels is not None else -1.0
 
 
-def collate(sequences: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    return pad_batch(sequences)
+def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids, mask = pad_batch([seq for seq, _ in examples])
+    return ids, mask, torch.tensor([label for _, label in examples], dtype=torch.float32)
 
 
-def sequence_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over sessions of each session's mean next-token NLL (a per-sample loss, as DP-SGD needs)."""
-    nll = next_token_nll(model, ids, mask)
-    return (nll.sum(1) / mask[:, 1:].sum(1).clamp(min=1)).mean()
+def sequence_loss(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over sessions of a per-session loss (as DP-SGD needs): the session's mean next-token NLL,
+    plus the supervised head's cross-entropy where the session has a label."""
+    nll, logit = forward(model, ids, mask)
+    loss = nll.sum(1) / mask[:, 1:].sum(1).clamp(min=1)
+    if logit is not None and labels is not None:
+        known = labels >= 0
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(
+            logit, labels.clamp(min=0), reduction="none"
+        )
+        loss = loss + torch.where(known, bce, torch.zeros_like(bce))
+    return loss.mean()
 
 
 def make_private(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    loader: DataLoader[np.ndarray],
+    loader: DataLoader[Example],
     *,
     settings: TrainSettings,
     ledger: PrivacyLedger,
     noise_multiplier: float,
     poisson_sampling: bool = True,
-) -> tuple[GradSampleModule, torch.optim.Optimizer, DataLoader[np.ndarray], PrivacyEngine]:
+) -> tuple[GradSampleModule, torch.optim.Optimizer, DataLoader[Example], PrivacyEngine]:
     """Opacus around model/optimizer/loader, its accountant preloaded with the merchant's history."""
     if settings.grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise FedanomError(f"grad sample mode must be one of {', '.join(GRAD_SAMPLE_MODES)}")
@@ -103,6 +119,7 @@ def train_model(
     windows: Windows,
     settings: TrainSettings,
     *,
+    labels: np.ndarray | None = None,
     ledger: PrivacyLedger | None = None,
     device: torch.device | str = "cpu",
 ) -> TrainReport:
@@ -117,8 +134,8 @@ def train_model(
     n = windows.n_windows
     batch_size = min(settings.batch_size, n)
     steps = max(1, math.ceil(settings.epochs * n / batch_size))
-    loader: DataLoader[np.ndarray] = DataLoader(
-        _Framed(windows), batch_size=batch_size, shuffle=True, collate_fn=collate
+    loader: DataLoader[Example] = DataLoader(
+        _Framed(windows, labels), batch_size=batch_size, shuffle=True, collate_fn=collate
     )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=settings.learning_rate)
@@ -134,12 +151,12 @@ def train_model(
     train_model.train()
     losses = []
     taken = 0
-    for ids, mask in _forever(loader):
+    for ids, mask, known in _forever(loader):
         if taken == steps:
             break
         if ids.numel() == 0:  # an empty Poisson sample: nothing to release, no step taken
             continue
-        loss = sequence_loss(train_model, ids.to(device), mask.to(device))
+        loss = sequence_loss(train_model, ids.to(device), mask.to(device), known.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -156,6 +173,6 @@ def train_model(
     return report
 
 
-def _forever(loader: DataLoader[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _forever(loader: DataLoader[Example]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     while True:
         yield from loader

@@ -22,10 +22,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from fedanom.common.errors import FedanomError
-from fedanom.common.tokens import VOCAB_SIZE, VOCAB_VERSION, Popularity
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from fedanom.common.errors import FedanomError
+from fedanom.common.model import add_anomaly_head
+from fedanom.common.tokens import VOCAB_SIZE, VOCAB_VERSION, Popularity
 
 DETECTOR_FORMAT = "fedanom-detector/1"
 BACKBONE_META = "fedanom-backbone.json"
@@ -130,6 +132,8 @@ class DetectorSpec:
     aggregation: str
     calibration: Calibration
     provenance: dict[str, Any]
+    # with a supervised head: score = z(self-supervised) + z(head), z from normal validation windows
+    score_mix: dict[str, float] | None = None
     vocabulary_version: str = VOCAB_VERSION
     format: str = DETECTOR_FORMAT
     files: dict[str, str] = field(default_factory=dict)
@@ -194,7 +198,10 @@ def load_detector(
         raise FedanomError(
             f"{directory}: the backbone at {backbone_dir} is not the one this detector was trained on"
         )
-    model = PeftModel.from_pretrained(load_backbone(backbone_dir, device), directory / "adapter")
+    backbone = load_backbone(backbone_dir, device)
+    if spec.lora.get("supervised_head"):
+        add_anomaly_head(backbone)
+    model = PeftModel.from_pretrained(backbone, directory / "adapter")
     return model.to(device), spec, Popularity.load(directory / "popularity.npz")
 
 

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from fedanom.common.events import EVENT_TYPES
 from fedanom.common.ingest import Ingested
 from fedanom.common.tokens import encode

@@ -8,6 +8,7 @@ injectors ship human-mimicking variants precisely so that these alone cannot win
 from __future__ import annotations
 
 import numpy as np
+
 from fedanom.common.events import EVENT_CODE, EVENT_TYPES
 from fedanom.common.sessions import SessionBatch
 from fedanom.common.tokens import Popularity

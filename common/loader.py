@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
+
 from fedanom.common.columns import (
     MAX_TS_MS,
     MIN_TS_MS,

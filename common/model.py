@@ -15,10 +15,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from fedanom.common.errors import FedanomError
-from fedanom.common.tokens import BOS, EOS, PAD, VOCAB_SIZE
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from fedanom.common.errors import FedanomError
+from fedanom.common.tokens import BOS, EOS, PAD, VOCAB_SIZE
+
+HEAD = "anomaly_head"
 
 
 @dataclass(frozen=True)
@@ -32,14 +35,16 @@ class BackboneConfig:
     max_events: int = 128  # the session window; positions = window + <bos> + <eos>
     dropout: float = 0.0
 
-    def build(self, seed: int = 0) -> PreTrainedModel:
+    def build(self, seed: int = 0, device: torch.device | str = "cpu") -> PreTrainedModel:
+        """A freshly initialised backbone (weights drawn from `seed`) on `device`."""
         if self.architecture not in ARCHITECTURES:
             raise FedanomError(
                 f"unknown architecture '{self.architecture}'; choose from {', '.join(ARCHITECTURES)}"
             )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return ARCHITECTURES[self.architecture].build(self)
+            model = ARCHITECTURES[self.architecture].build(self)
+        return model.to(device)  # type: ignore[arg-type]  # transformers types .to() for dtypes only
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,7 @@ class LoraSettings:
     targets: tuple[str, ...] = field(default=())  # empty: the architecture's linear layers
     ffa: bool = True  # FFA-LoRA: A frozen (shared seed), only B trained and sent
     seed: int = 0  # draws A; must be the same for every merchant of a federation
+    supervised_head: bool = False  # a trained anomaly logit, for merchants with labelled sessions
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -115,6 +121,12 @@ def architecture_of(model: torch.nn.Module) -> str:
     return str(kind)
 
 
+def add_anomaly_head(backbone: PreTrainedModel) -> None:
+    """The supervised head: one logit from the last event's hidden state. It rides in the adapter as a
+    peft `modules_to_save` module; plain peft loading of the adapter skips it."""
+    backbone.add_module(HEAD, torch.nn.Linear(backbone.config.hidden_size, 1).to(backbone.device))
+
+
 def attach_lora(backbone: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     """Wrap a (device-placed) backbone with a LoRA adapter; the backbone's own weights are frozen."""
     arch = ARCHITECTURES[architecture_of(backbone)]
@@ -125,9 +137,12 @@ def attach_lora(backbone: PreTrainedModel, settings: LoraSettings) -> PeftModel:
         lora_dropout=0.0,
         bias="none",
         fan_in_fan_out=arch.fan_in_fan_out,
+        modules_to_save=[HEAD] if settings.supervised_head else None,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
+        if settings.supervised_head:
+            add_anomaly_head(backbone)
         model = get_peft_model(backbone, config)
     if settings.ffa:
         for name, param in model.named_parameters():
@@ -154,18 +169,30 @@ def pad_batch(
     return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 
 
-def next_token_nll(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """NLL (nats) of each token given the ones before it: [batch, width - 1], 0 at padding.
+def forward(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One pass: the NLL (nats) of each token given the ones before it ([batch, width - 1], 0 at
+    padding), and the supervised head's logit per sequence when the model has one.
 
     The output layer (vocabulary-sized, the model's costliest part) runs only at real positions: with
     sessions of a few events padded to the longest in the batch, that is most of the work saved.
     """
     causal_lm = _unwrap(model)
-    hidden = causal_lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    hidden = causal_lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
     keep = mask[:, 1:].bool()
-    logits = causal_lm.get_output_embeddings()(hidden[keep])
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
     nll = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][keep], reduction="none")
-    return torch.zeros(keep.shape, dtype=nll.dtype, device=nll.device).masked_scatter(keep, nll)
+    nll = torch.zeros(keep.shape, dtype=nll.dtype, device=nll.device).masked_scatter(keep, nll)
+    head = getattr(causal_lm, HEAD, None)
+    if head is None:
+        return nll, None
+    last = hidden[torch.arange(len(ids), device=ids.device), mask.sum(1) - 1]
+    return nll, head(last).squeeze(-1).float()
+
+
+def next_token_nll(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return forward(model, ids, mask)[0]
 
 
 def _unwrap(model: torch.nn.Module) -> PreTrainedModel:

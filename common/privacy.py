@@ -16,8 +16,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedanom.common.errors import FedanomError
 from opacus.accountants import RDPAccountant
+
+from fedanom.common.errors import FedanomError
 
 LEDGER_FILE = "privacy.json"
 MAX_NOISE = 50.0  # beyond this a step carries no useful signal: the budget is spent

@@ -13,17 +13,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from fedanom.common.model import next_token_nll, pad_batch
+
+from fedanom.common.model import forward, pad_batch
 from fedanom.common.tokens import decode
 from fedanom.common.windows import Windows
 
 
 @dataclass
 class Surprise:
-    """NLL (nats) of every event (aligned with `Windows.tokens`) and of each window's <eos> (NaN if none)."""
+    """NLL (nats) of every event (aligned with `Windows.tokens`) and of each window's <eos> (NaN if none);
+    the supervised head's logit per window when the model has one."""
 
     event: np.ndarray
     end: np.ndarray
+    head: np.ndarray | None = None
 
 
 def length_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
@@ -51,16 +54,21 @@ def event_surprise(
     model.eval()
     event = np.zeros(len(windows.tokens), dtype=np.float32)
     end = np.full(windows.n_windows, np.nan, dtype=np.float32)
+    head = None
     framed_lengths = windows.lengths + 1 + windows.closes_session
     for group in length_batches(framed_lengths, max_tokens):
         ids, mask = pad_batch([windows.framed(i) for i in group], device)
-        nll = next_token_nll(model, ids, mask).float().cpu().numpy()
+        nll_t, logit = forward(model, ids, mask)
+        nll = nll_t.float().cpu().numpy()
+        if logit is not None:
+            head = np.zeros(windows.n_windows, dtype=np.float32) if head is None else head
+            head[group] = logit.cpu().numpy()
         for row, i in enumerate(group):
             n = windows.offsets[i + 1] - windows.offsets[i]
             event[windows.offsets[i] : windows.offsets[i + 1]] = nll[row, :n]
             if windows.closes_session[i]:
                 end[i] = nll[row, n]
-    return Surprise(event=event, end=end)
+    return Surprise(event=event, end=end, head=head)
 
 
 def _per_window(surprise: Surprise, windows: Windows) -> list[np.ndarray]:

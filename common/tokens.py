@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from fedanom.common.events import EVENT_TYPES
 from fedanom.common.sessions import SessionBatch
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
 import numpy as np
+
 from fedanom.common.features import session_features
 from fedanom.common.loader import LoadReport
 from fedanom.common.sessions import SessionBatch

@@ -13,24 +13,33 @@ from typing import Annotated
 
 import numpy as np
 import typer
+from transformers import PreTrainedModel
+
 from fedanom.client.training import TrainSettings, train_model
-from fedanom.common.artifact import save_backbone
+from fedanom.common.artifact import load_backbone, save_backbone
 from fedanom.common.model import ARCHITECTURES, BackboneConfig, pick_device
 from fedanom.common.scoring import event_surprise
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.windows import Windows
-from transformers import PreTrainedModel
-
 from fedanom.options import DataSource, data_options, err
 
 
 def pretrain_backbone(
-    windows: Windows, config: BackboneConfig, settings: TrainSettings, *, device: str | None = None
+    windows: Windows,
+    config: BackboneConfig,
+    settings: TrainSettings,
+    *,
+    start_from: Path | None = None,
+    device: str | None = None,
 ) -> tuple[PreTrainedModel, dict[str, float]]:
-    """Train a backbone from scratch on the earlier 90% of sessions; report held-out NLL per event."""
+    """Train a backbone on the earlier 90% of sessions, from scratch (a config) or from any compatible
+    model directory; report the held-out NLL per event."""
     fit_part, held_out = windows.chronological_split(0.9, 0.1)
     placed = pick_device(device)
-    model = config.build(seed=settings.seed).to(placed)  # type: ignore[arg-type]  # typed for dtypes only
+    if start_from is not None:
+        model = load_backbone(start_from, placed)
+    else:
+        model = config.build(seed=settings.seed, device=placed)
     report = train_model(model, fit_part, settings, device=placed)
     surprise = event_surprise(model, held_out, device=placed) if held_out.n_windows else None
     metrics = {
@@ -61,6 +70,12 @@ def pretrain(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
     learning_rate: Annotated[float, typer.Option("--learning-rate")] = 3e-3,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    base_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--base-model", help="Start from this causal-LM directory (any over the behaviour vocabulary)."
+        ),
+    ] = None,
     device: Annotated[
         str | None, typer.Option("--device", help="cpu or cuda (default: cuda if present).")
     ] = None,
@@ -77,7 +92,7 @@ def pretrain(
     settings = TrainSettings(
         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, dp=False, seed=seed
     )
-    model, metrics = pretrain_backbone(windows, config, settings, device=device)
+    model, metrics = pretrain_backbone(windows, config, settings, start_from=base_model, device=device)
     digest = save_backbone(model, out, {"data": source.data.name, "config": asdict(config), **metrics})
     typer.echo(
         f"backbone written to {out} (hash {digest[:12]}): held-out surprise "

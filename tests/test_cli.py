@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
 
 

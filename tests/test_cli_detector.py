@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from fedanom.simulations.attacks import inject
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
 

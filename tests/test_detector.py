@@ -10,22 +10,24 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from peft import PeftModel
+from sklearn.ensemble import IsolationForest
+from sklearn.metrics import roc_auc_score
+from transformers import AutoModelForCausalLM
+
 from fedanom.client.detector import BehaviourDetector
 from fedanom.client.training import TrainSettings
 from fedanom.common.artifact import save_backbone
 from fedanom.common.errors import FedanomError
 from fedanom.common.ingest import ingest
-from fedanom.common.model import BackboneConfig, next_token_nll, pad_batch
+from fedanom.common.model import BackboneConfig, LoraSettings, next_token_nll, pad_batch
 from fedanom.common.presets import resolve_preset
 from fedanom.common.privacy import PrivacyLedger
+from fedanom.common.tokens import Popularity
 from fedanom.common.windows import Windows
 from fedanom.server.pretrain import pretrain_backbone
 from fedanom.simulations.attacks import ATTACKS, inject
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
-from peft import PeftModel
-from sklearn.ensemble import IsolationForest
-from sklearn.metrics import roc_auc_score
-from transformers import AutoModelForCausalLM
 
 
 def windows_of(frame: pd.DataFrame, path: Path) -> Windows:
@@ -39,6 +41,8 @@ class Fitted:
     detector: BehaviourDetector
     base: Path
     dev: Windows
+    dev_labels: np.ndarray
+    popularity: Popularity
     test: Windows
     test_labels: np.ndarray
     test_kinds: np.ndarray
@@ -63,12 +67,12 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> Fitted:
     kind_of = dict(zip(frame.user_id.astype(str), frame.attack, strict=False))
     dev, test = windows.chronological_split(0.75, 0.25)
     ledger = PrivacyLedger(epsilon_budget=8.0, delta=1.0 / dev.n_windows)
-    detector = BehaviourDetector.from_backbone(
-        base, ingest(root / "merchant.csv", resolve_preset("taobao")).popularity
-    )
+    popularity = ingest(root / "merchant.csv", resolve_preset("taobao")).popularity
+    detector = BehaviourDetector.from_backbone(base, popularity)
     detector.fit(dev, train=TrainSettings(epochs=3), ledger=ledger)
     kinds = np.array([kind_of[u] for u in test.user])
-    return Fitted(detector, base, dev, test, kinds != "", kinds)
+    dev_labels = np.array([kind_of[u] != "" for u in dev.user], dtype=np.int8)
+    return Fitted(detector, base, dev, dev_labels, popularity, test, kinds != "", kinds)
 
 
 def test_dp_detector_reaches_the_quality_floor_and_beats_isolation_forest(fitted: Fitted) -> None:
@@ -144,3 +148,65 @@ def test_a_different_backbone_is_refused(fitted: Fitted, tmp_path: Path) -> None
     save_backbone(BackboneConfig().build(seed=7), tmp_path / "base", {"test": "another"})
     with pytest.raises(FedanomError, match="not the one this detector was trained on"):
         BehaviourDetector.load(tmp_path / "det")
+
+
+def test_any_compatible_model_directory_can_be_the_backbone(tmp_path: Path) -> None:
+    plain = BackboneConfig(d_model=32, n_layers=1, n_heads=2).build(seed=3)
+    plain.save_pretrained(tmp_path / "hf")  # plain transformers output, no fedanom metadata
+    shop = windows_of(
+        generate_shop(ShopConfig(n_events=3_000, n_users=300, n_items=900), seed=4), tmp_path / "s.csv"
+    )
+    detector = BehaviourDetector.from_backbone(
+        tmp_path / "hf", ingest(tmp_path / "s.csv", resolve_preset("taobao")).popularity
+    )
+    assert np.isfinite(detector.surprise(shop).event).all()
+    model, metrics = pretrain_backbone(
+        shop,
+        BackboneConfig(),
+        TrainSettings(dp=False, epochs=1, learning_rate=3e-3),
+        start_from=tmp_path / "hf",
+    )
+    assert model.config.hidden_size == 32  # started from the directory, not from the default config
+    assert np.isfinite(metrics["held_out_nll_per_event"])
+
+
+def test_a_model_with_another_vocabulary_is_refused(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "other")
+    with pytest.raises(FedanomError, match="vocabulary of 100 tokens"):
+        BehaviourDetector.from_backbone(
+            tmp_path / "other", Popularity.from_counts(np.zeros(0, np.uint64), np.zeros(0))
+        )
+
+
+def test_supervised_head_trains_on_labels_and_stays_plain_peft_loadable(
+    fitted: Fitted, tmp_path: Path
+) -> None:
+    detector = BehaviourDetector.from_backbone(
+        fitted.base, fitted.popularity, lora=LoraSettings(supervised_head=True)
+    )
+    ledger = PrivacyLedger(epsilon_budget=8.0, delta=1.0 / fitted.dev.n_windows)
+    detector.fit(fitted.dev, fitted.dev_labels, train=TrainSettings(epochs=3), ledger=ledger)
+    assert detector.score_mix is not None
+    surprise = detector.surprise(fitted.test)
+    assert surprise.head is not None and np.ptp(surprise.head) > 0
+    scores = detector.decision_function(fitted.test)
+    assert roc_auc_score(fitted.test_labels, scores) >= 0.9
+    # the trained head on its own already ranks attacks above normal sessions
+    assert roc_auc_score(fitted.test_labels, surprise.head) > 0.5
+
+    detector.save(tmp_path / "det")
+    again = BehaviourDetector.load(tmp_path / "det")
+    np.testing.assert_allclose(again.decision_function(fitted.test), scores, rtol=1e-5)
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(fitted.base), tmp_path / "det" / "adapter"
+    )
+    ids, mask = pad_batch([fitted.test.framed(0)])
+    with torch.inference_mode():
+        logits = plain(input_ids=ids, attention_mask=mask).logits[0, :-1]
+        got = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+        torch.testing.assert_close(got, next_token_nll(detector.model, ids, mask)[0], rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedanom.common.errors import FedanomError
 from fedanom.common.ingest import ingest
 from fedanom.common.loader import EventReader

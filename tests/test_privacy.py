@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fedanom.client.training import TrainSettings, collate, make_private, sequence_loss, train_model
+from opacus.accountants import RDPAccountant
+from torch.utils.data import DataLoader
+
+from fedanom.client.training import Example, TrainSettings, collate, make_private, sequence_loss, train_model
 from fedanom.common.model import BackboneConfig, LoraSettings, attach_lora, pad_batch, trainable_state
 from fedanom.common.privacy import BudgetExhausted, PrivacyLedger
 from fedanom.common.tokens import BOS, EOS
 from fedanom.common.windows import Windows
-from opacus.accountants import RDPAccountant
-from torch.utils.data import DataLoader
 
 TINY = BackboneConfig(d_model=32, n_layers=1, n_heads=2, max_events=16, dropout=0.0)
 ARCHITECTURES = ["llama", "gpt2"]
@@ -45,26 +46,31 @@ def toy_windows(n: int, seed: int = 0) -> Windows:
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
-@pytest.mark.parametrize("ffa", [True, False])
-def test_dp_gradient_is_the_mean_of_per_example_gradients(architecture: str, mode: str, ffa: bool) -> None:
-    """With no noise and a clip bound no gradient reaches, DP-SGD's gradient is the plain mean."""
+@pytest.mark.parametrize(("ffa", "head"), [(True, False), (False, False), (True, True)])
+def test_dp_gradient_is_the_mean_of_per_example_gradients(
+    architecture: str, mode: str, ffa: bool, head: bool
+) -> None:
+    """With no noise and a clip bound no gradient reaches, DP-SGD's gradient is the plain mean
+    (adapter, and the supervised head trained on labels)."""
     config = BackboneConfig(**{**TINY.__dict__, "architecture": architecture})
-    model = attach_lora(config.build(seed=1), LoraSettings(rank=4, ffa=ffa))
+    model = attach_lora(config.build(seed=1), LoraSettings(rank=4, ffa=ffa, supervised_head=head))
     # give B non-zero values so every LoRA parameter has a non-trivial gradient
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     params = [p for p in model.parameters() if p.requires_grad]
-    batch = sequences(6, seed=2)
+    labels = [1.0, 0.0, -1.0, 0.0, 1.0, -1.0] if head else [-1.0] * 6
+    batch: list[Example] = list(zip(sequences(6, seed=2), labels, strict=True))
 
     per_example = []
-    for seq in batch:
+    for seq, label in batch:
         ids, mask = pad_batch([seq])
-        per_example.append(torch.autograd.grad(sequence_loss(model, ids, mask), params))
+        loss = sequence_loss(model, ids, mask, torch.tensor([label]))
+        per_example.append(torch.autograd.grad(loss, params))
     expected = [torch.stack(g).mean(0) for g in zip(*per_example, strict=True)]
 
-    loader: DataLoader[np.ndarray] = DataLoader(batch, batch_size=len(batch), collate_fn=collate)  # type: ignore[arg-type]
+    loader: DataLoader[Example] = DataLoader(batch, batch_size=len(batch), collate_fn=collate)  # type: ignore[arg-type]
     ledger = PrivacyLedger(epsilon_budget=8.0, delta=1e-5)
     settings = TrainSettings(max_grad_norm=1e6, grad_sample_mode=mode)
     optimizer = torch.optim.SGD(params, lr=0.0)
@@ -77,8 +83,8 @@ def test_dp_gradient_is_the_mean_of_per_example_gradients(architecture: str, mod
         noise_multiplier=0.0,
         poisson_sampling=False,
     )
-    ids, mask = next(iter(dp_loader))
-    sequence_loss(dp_model, ids, mask).backward()
+    ids, mask, known = next(iter(dp_loader))
+    sequence_loss(dp_model, ids, mask, known).backward()
     dp_optimizer.step()
     assert len(params) == len(expected) > 0
     for p, want in zip(params, expected, strict=True):

@@ -9,12 +9,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from fedanom.common.ingest import ingest
 from fedanom.common.loader import EventReader
 from fedanom.common.presets import resolve_preset
 from fedanom.common.tokens import encode
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 HEADER = "user_id,timestamp,event_type,item_id,category,price"
 ids = st.text(alphabet="abcdefgh0123456789", min_size=1, max_size=6)

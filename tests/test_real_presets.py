@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+
 from fedanom.common.events import EVENT_CODE
 from fedanom.common.ingest import ingest
 from fedanom.common.presets import resolve_preset

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedanom.common.features import FEATURE_NAMES, session_features
 from fedanom.common.ingest import ingest
 from fedanom.common.presets import resolve_preset
