@@ -124,7 +124,7 @@ def quality(arch: str, device: torch.device, workdir: Path) -> tuple[dict[str, o
     write_taobao_csv(frame, workdir / "merchant.csv")
     kind_of = dict(zip(frame.user_id.astype(str), frame.attack, strict=False))
 
-    base = BackboneConfig(architecture=arch).build(device=device)  # type: ignore[arg-type]
+    base = BackboneConfig(architecture=arch).build(device=device)
     started = time.perf_counter()
     pre = train_model(
         base,
@@ -188,9 +188,8 @@ def main() -> None:
     sample = real.select(np.arange(min(20_000, real.n_windows)))
     if args.dp_only:
         for arch in ("gpt2", "llama"):  # step times do not depend on the weights: untrained backbones
-            results[f"dp_step_{arch}"] = dp_cost(
-                BackboneConfig(architecture=arch).build().to(device), sample, device
-            )
+            backbone = BackboneConfig(architecture=arch).build(device=device)
+            results[f"dp_step_{arch}"] = dp_cost(backbone, sample, device)
             print(arch, json.dumps(results[f"dp_step_{arch}"]), flush=True)
         results["peak_rss_mb"] = peak_rss_mb()
         (args.out / f"detector-dp-{device.type}.json").write_text(json.dumps(results, indent=2))
