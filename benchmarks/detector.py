@@ -25,6 +25,7 @@ from typing import cast
 import numpy as np
 import torch
 from peft import PeftModel
+from sklearn.ensemble import IsolationForest
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import PreTrainedModel
@@ -159,6 +160,12 @@ def quality(arch: str, device: torch.device, workdir: Path) -> tuple[dict[str, o
         "dp_fit_seconds": fit.seconds,
         "epsilon": fit.epsilon_spent,
         "aggregations": aggregations,
+    }
+    forest = IsolationForest(random_state=0).fit(train.features)
+    forest_scores = -forest.score_samples(test.features)
+    summary["isolation_forest"] = {
+        "test_auroc": roc_auc_score(labels["test"], forest_scores),
+        "test_auprc": average_precision_score(labels["test"], forest_scores),
     }
     return summary, model
 
