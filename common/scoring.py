@@ -49,7 +49,7 @@ def length_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
 
 @torch.inference_mode()
 def event_surprise(
-    model: torch.nn.Module, windows: Windows, *, device: torch.device | str = "cpu", max_tokens: int = 4096
+    model: torch.nn.Module, windows: Windows, *, device: torch.device | str = "cpu", max_tokens: int = 2048
 ) -> Surprise:
     model.eval()
     event = np.zeros(len(windows.tokens), dtype=np.float32)
