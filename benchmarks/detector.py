@@ -167,6 +167,20 @@ def quality(arch: str, device: torch.device, workdir: Path) -> tuple[dict[str, o
         "test_auroc": roc_auc_score(labels["test"], forest_scores),
         "test_auprc": average_precision_score(labels["test"], forest_scores),
     }
+    ours = aggregate(surprise["test"], test, "mean")
+    normal = kinds == ""
+    summary["per_attack_test_auroc"] = {
+        kind: {
+            "mean_score": roc_auc_score(
+                labels["test"][normal | (kinds == kind)], ours[normal | (kinds == kind)]
+            ),
+            "isolation_forest": roc_auc_score(
+                labels["test"][normal | (kinds == kind)], forest_scores[normal | (kinds == kind)]
+            ),
+        }
+        for kind in ATTACKS
+        if (kinds == kind).any()
+    }
     return summary, model
 
 
