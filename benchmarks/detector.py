@@ -142,6 +142,7 @@ def quality(arch: str, device: torch.device, workdir: Path) -> tuple[dict[str, o
     labels = {
         name: np.array([kind_of[u] != "" for u in part.user]) for name, part in (("val", val), ("test", test))
     }
+    kinds = np.array([kind_of[u] for u in test.user])
     surprise = {
         name: event_surprise(model, part, device=device) for name, part in (("val", val), ("test", test))
     }
