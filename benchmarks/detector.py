@@ -16,11 +16,11 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import torch
@@ -54,8 +54,16 @@ def windows_of_file(path: Path, preset: str) -> Windows:
 
 
 def peak_rss_mb() -> float:
+    return _status_mb("VmHWM:")
+
+
+def rss_mb() -> float:
+    return _status_mb("VmRSS:")
+
+
+def _status_mb(key: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(key):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -106,15 +114,27 @@ def scoring(model: torch.nn.Module, windows: Windows, device: torch.device) -> d
 
 def dp_cost(base: PreTrainedModel, windows: Windows, device: torch.device) -> dict[str, float]:
     """Seconds per training step of the LoRA adapter, with and without DP, at batch 64."""
-    out = {}
-    for dp in (False, True):
-        model = attach_lora(base, LoraSettings())  # a fresh adapter on the same frozen weights
-        ledger = PrivacyLedger(epsilon_budget=8.0, delta=1.0 / windows.n_windows) if dp else None
-        report = train_model(model, windows, TrainSettings(epochs=1.0, dp=dp), ledger=ledger, device=device)
-        out["dp" if dp else "plain"] = report.seconds / report.steps
-        base = cast(PreTrainedModel, model.unload())  # remove the adapter, keep the backbone
+    out = {mode: train_step_seconds(base, windows, device, dp=mode == "dp") for mode in ("plain", "dp")}
     out["dp_over_plain"] = out["dp"] / out["plain"]
     return out
+
+
+def train_step_seconds(base: PreTrainedModel, windows: Windows, device: torch.device, *, dp: bool) -> float:
+    model = attach_lora(base, LoraSettings())  # a fresh adapter on the frozen weights
+    ledger = PrivacyLedger(epsilon_budget=8.0, delta=1.0 / windows.n_windows) if dp else None
+    report = train_model(model, windows, TrainSettings(epochs=1.0, dp=dp), ledger=ledger, device=device)
+    model.unload()  # takes the adapter out of the backbone again, in place
+    return report.seconds / report.steps
+
+
+def dp_child(arch: str, dp: bool, shared: Path) -> None:
+    """One training mode in a fresh process: its step time and the memory training itself added."""
+    real = Windows.concat([windows_of_file(shared / name, preset) for preset, name in REAL])
+    sample = real.select(np.arange(min(20_000, real.n_windows)))
+    backbone = BackboneConfig(architecture=arch).build()  # step times do not depend on the weights
+    before = rss_mb()
+    seconds = train_step_seconds(backbone, sample, torch.device("cpu"), dp=dp)
+    print(json.dumps({"step_s": seconds, "rss_before_mb": before, "peak_mb": peak_rss_mb()}))
 
 
 def quality(arch: str, device: torch.device, workdir: Path) -> tuple[dict[str, object], PeftModel]:
@@ -190,7 +210,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
-    parser.add_argument("--dp-only", action="store_true", help="only DP vs plain step time, per architecture")
+    parser.add_argument("--dp-only", action="store_true", help="only DP vs plain step time and memory")
+    parser.add_argument("--dp-child", nargs=2, metavar=("ARCH", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -206,16 +227,27 @@ def main() -> None:
         "torch": torch.__version__,
     }
     results: dict[str, object] = {"machine": machine}
-    real = Windows.concat([windows_of_file(shared / name, preset) for preset, name in REAL])
-    sample = real.select(np.arange(min(20_000, real.n_windows)))
-    if args.dp_only:
-        for arch in ("gpt2", "llama"):  # step times do not depend on the weights: untrained backbones
-            backbone = BackboneConfig(architecture=arch).build(device=device)
-            results[f"dp_step_{arch}"] = dp_cost(backbone, sample, device)
-            print(arch, json.dumps(results[f"dp_step_{arch}"]), flush=True)
-        results["peak_rss_mb"] = peak_rss_mb()
+    if args.dp_child:
+        dp_child(args.dp_child[0], args.dp_child[1] == "dp", shared)
+        return
+    if args.dp_only:  # each mode in a fresh process, so each peak is its own
+        for arch in ("gpt2", "llama"):
+            modes = {}
+            for mode in ("plain", "dp"):
+                child = subprocess.run(
+                    [sys.executable, __file__, "--dp-child", arch, mode],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                modes[mode] = json.loads(child.stdout.strip().splitlines()[-1])
+            modes["dp_over_plain"] = modes["dp"]["step_s"] / modes["plain"]["step_s"]
+            results[f"dp_step_{arch}"] = modes
+            print(arch, json.dumps(modes), flush=True)
         (args.out / f"detector-dp-{device.type}.json").write_text(json.dumps(results, indent=2))
         return
+    real = Windows.concat([windows_of_file(shared / name, preset) for preset, name in REAL])
+    sample = real.select(np.arange(min(20_000, real.n_windows)))
 
     archs = {}
     for arch in ("gpt2", "llama"):
