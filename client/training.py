@@ -121,6 +121,7 @@ def train_model(
     *,
     labels: np.ndarray | None = None,
     ledger: PrivacyLedger | None = None,
+    planned_steps: int | None = None,
     device: torch.device | str = "cpu",
 ) -> TrainReport:
     """Train the model's trainable parameters on these windows, in place: the adapter (merchants), or
@@ -144,7 +145,8 @@ def train_model(
     train_model: torch.nn.Module = model
     if settings.dp:
         assert ledger is not None
-        noise = ledger.plan(batch_size / n, steps)
+        # a federation plans for every round still to come, so one round cannot spend the whole budget
+        noise = ledger.plan(batch_size / n, max(steps, planned_steps or 0))
         train_model, optimizer, loader, engine = make_private(
             model, optimizer, loader, settings=settings, ledger=ledger, noise_multiplier=noise
         )

@@ -46,18 +46,20 @@ class PrivacyLedger:
             return cls(epsilon_budget=epsilon_budget, delta=delta)
         path = Path(state_dir) / LEDGER_FILE
         if path.exists():
-            try:
-                saved = json.loads(path.read_text())
-                history = [(float(s), float(q), int(n)) for s, q, n in saved["history"]]
-                delta = float(saved["delta"])
-            except (ValueError, KeyError, TypeError):
-                raise FedanomError(
-                    f"{path} is not a readable privacy ledger; it must not be edited by hand"
-                ) from None
+            delta, history = _read(path)
             return cls(epsilon_budget=epsilon_budget, delta=delta, history=history, path=path)
         ledger = cls(epsilon_budget=epsilon_budget, delta=delta, path=path)
         ledger.save()
         return ledger
+
+    @classmethod
+    def spent_in(cls, state_dir: str | Path) -> float:
+        """ε spent so far by the merchant whose state directory this is (0 if it never trained)."""
+        path = Path(state_dir) / LEDGER_FILE
+        if not path.exists():
+            return 0.0
+        delta, history = _read(path)
+        return cls(epsilon_budget=math.inf, delta=delta, history=history).spent()
 
     def accountant(self) -> RDPAccountant:
         """A fresh Opacus accountant that already knows every step taken so far."""
@@ -107,3 +109,14 @@ class PrivacyLedger:
             json.dumps({"delta": self.delta, "accountant": "rdp", "history": self.history}, indent=1)
         )
         tmp.replace(self.path)
+
+
+def _read(path: Path) -> tuple[float, list[tuple[float, float, int]]]:
+    """(δ, accountant history) from a ledger file."""
+    try:
+        saved = json.loads(path.read_text())
+        return float(saved["delta"]), [(float(s), float(q), int(n)) for s, q, n in saved["history"]]
+    except (ValueError, KeyError, TypeError):
+        raise FedanomError(
+            f"{path} is not a readable privacy ledger; it must not be edited by hand"
+        ) from None

@@ -1,0 +1,166 @@
+"""The merchant's Flower ClientApp: one round of local DP training on the global adapter.
+
+ClientApps are stateless, so everything that must last lives in the merchant's state directory: the
+privacy ledger (ε accumulates across rounds and runs) and the latest global detector, calibrated on the
+merchant's own validation sessions and ready for `fedanom score`. Only the adapter's trained tensors and
+the whitelisted metrics below leave the merchant.
+
+The merchant is described by the SuperNode's node config (`data`, `preset`, `state-dir`, `epsilon`,
+`base`); in simulation, by the `sim-data` files the server forwards, indexed by the node's partition id.
+Everything else arrives with each round's message, so simulation and deployment behave alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from peft import PeftModel
+
+from fedanom.client.detector import DEFAULT_AGGREGATION, BehaviourDetector
+from fedanom.client.training import TrainSettings, train_model
+from fedanom.common.artifact import Calibration, load_backbone
+from fedanom.common.errors import FedanomError
+from fedanom.common.ingest import ingest
+from fedanom.common.model import attach_lora, trainable_state
+from fedanom.common.presets import resolve_preset
+from fedanom.common.privacy import BudgetExhausted, PrivacyLedger
+from fedanom.common.records import lora_settings, number, text
+from fedanom.common.scoring import aggregate
+from fedanom.common.sessions import SessionConfig
+from fedanom.common.tokens import Popularity
+from fedanom.common.windows import Windows
+
+# The only metrics a merchant reports (a test checks every outgoing message against this list).
+METRIC_KEYS = ("num-examples", "train-loss", "epsilon", "val-surprise")
+BUDGET_EXHAUSTED = 4001  # Error code of a reply from a merchant whose privacy budget is spent
+ALERT_RATE = 0.01  # the received global detector's calibration; `fedanom score --alert-rate` changes it
+
+app = ClientApp()
+
+
+@dataclass(frozen=True)
+class Merchant:
+    data: Path
+    preset: str | None
+    state_dir: Path
+    epsilon: float
+    base: Path
+
+    @classmethod
+    def from_context(cls, context: Context, config: Mapping[str, object]) -> Merchant:
+        """From the SuperNode's node config, or in simulation from the round's config and partition id."""
+        node = context.node_config
+        if "data" in node:  # a real SuperNode, started by `fedanom client`
+            return cls(
+                data=Path(text(node, "data")),
+                preset=text(node, "preset") or None,
+                state_dir=Path(text(node, "state-dir", ".fedanom-state")),
+                epsilon=number(node, "epsilon"),
+                base=Path(text(node, "base") or text(config, "base")),
+            )
+        partition = int(number(node, "partition-id"))
+        files = text(config, "sim-data").split(";")
+        return cls(
+            data=Path(files[partition % len(files)]),
+            preset=text(config, "sim-preset") or None,
+            state_dir=Path(text(config, "sim-state-root")) / f"merchant-{partition}",
+            epsilon=number(config, "epsilon"),
+            base=Path(text(config, "base")),
+        )
+
+    def windows(self) -> tuple[Windows, Windows, Popularity]:
+        """This merchant's sessions: the earlier 85% to train on, the later 15% to validate on."""
+        ingested = ingest(
+            self.data, resolve_preset(self.preset), quarantine_path=self.state_dir / "quarantine.csv"
+        )
+        windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
+        train, validation = windows.chronological_split(0.85, 0.15)
+        return train, validation, ingested.popularity
+
+
+def global_model(merchant: Merchant, config: Mapping[str, object], arrays: ArrayRecord) -> PeftModel:
+    """The backbone on the merchant's disk with the global adapter loaded into it."""
+    model = attach_lora(load_backbone(merchant.base), lora_settings(config))
+    incoming = arrays.to_torch_state_dict()
+    own = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(incoming) != own:
+        raise FedanomError("the global adapter does not fit this merchant's backbone (tensor names differ)")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in incoming:
+                param.copy_(incoming[name])
+    return model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content.config_records["config"]
+    merchant = Merchant.from_context(context, config)
+    train_windows, _, _ = merchant.windows()
+    model = global_model(merchant, config, msg.content.array_records["arrays"])
+    this_round = int(number(config, "server-round") + number(config, "round-offset"))
+    settings = TrainSettings(
+        epochs=number(config, "local-epochs"),
+        batch_size=int(number(config, "batch-size")),
+        learning_rate=number(config, "learning-rate"),
+        max_grad_norm=number(config, "max-grad-norm"),
+        seed=this_round,
+    )
+    steps = math.ceil(
+        settings.epochs * train_windows.n_windows / min(settings.batch_size, train_windows.n_windows)
+    )
+    rounds_left = int(number(config, "num-server-rounds")) - this_round + 1
+    ledger = PrivacyLedger.open(
+        merchant.state_dir, epsilon_budget=merchant.epsilon, delta=1.0 / train_windows.n_windows
+    )
+    try:
+        report = train_model(model, train_windows, settings, ledger=ledger, planned_steps=rounds_left * steps)
+    except BudgetExhausted as exc:
+        return Message(Error(code=BUDGET_EXHAUSTED, reason=str(exc)), reply_to=msg)
+    metrics = MetricRecord(
+        {
+            "num-examples": train_windows.n_windows,
+            "train-loss": report.mean_loss,
+            "epsilon": report.epsilon_spent or 0.0,
+        }
+    )
+    return Message(
+        RecordDict({"arrays": ArrayRecord(trainable_state(model)), "metrics": metrics}), reply_to=msg
+    )
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the merchant's validation sessions with the global adapter, and keep that global detector,
+    calibrated on them, in the state directory for `fedanom score`."""
+    config = msg.content.config_records["config"]
+    merchant = Merchant.from_context(context, config)
+    _, validation, popularity = merchant.windows()
+    model = global_model(merchant, config, msg.content.array_records["arrays"])
+    detector = BehaviourDetector(
+        model,
+        backbone_dir=merchant.base,
+        popularity=popularity,
+        lora=lora_settings(config),
+        session=SessionConfig(),
+        aggregation=DEFAULT_AGGREGATION,
+        provenance={
+            "federated_round": int(number(config, "server-round") + number(config, "round-offset")),
+            "epsilon": PrivacyLedger.spent_in(merchant.state_dir),
+        },
+    )
+    surprise = detector.surprise(validation)
+    scores = aggregate(surprise, validation, detector.aggregation)
+    detector.calibration = Calibration.from_scores(scores, ALERT_RATE)
+    detector.save(merchant.state_dir / "detector")
+    metrics = MetricRecord(
+        {"num-examples": validation.n_windows, "val-surprise": float(np.mean(surprise.event))}
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

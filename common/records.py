@@ -1,0 +1,72 @@
+"""Typed access to Flower records, shared by the ServerApp and the ClientApp.
+
+Flower's config and metric values are broad unions (numbers, strings, bytes, lists); fedanom's are
+numbers and strings, and a wrong type in a run or node config is a user's mistake, said in one sentence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+from fedanom.common.errors import FedanomError
+from fedanom.common.model import LoraSettings
+
+# The federation's run config with its defaults. pyproject.toml's [tool.flwr.app.config] repeats them
+# for `flwr run` (a test keeps the two equal); `fedanom server` / `simulate` override them.
+RUN_DEFAULTS: dict[str, bool | float | int | str] = {
+    "num-server-rounds": 3,
+    "fraction-train": 1.0,
+    "min-nodes": 2,
+    "round-timeout": 600.0,
+    "aggregation": "fedavg",
+    "norm-bound": 0.0,
+    "resume": False,
+    "run-dir": "runs/default",
+    "base": "base",
+    "epsilon": 8.0,
+    "sim-data": "",
+    "sim-preset": "",
+    "sim-state-root": "runs/sim-state",
+    "local-epochs": 1.0,
+    "batch-size": 64,
+    "learning-rate": 0.02,
+    "max-grad-norm": 1.0,
+    "lora-rank": 8,
+    "lora-alpha": 16,
+    "lora-seed": 0,
+}
+
+
+def number(config: Mapping[str, object], key: str) -> float:
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FedanomError(f"config value '{key}' must be a number, not {value!r}")
+    return float(value)
+
+
+def text(config: Mapping[str, object], key: str, default: str = "") -> str:
+    value = config.get(key, default)
+    if not isinstance(value, str):
+        raise FedanomError(f"config value '{key}' must be text, not {value!r}")
+    return value
+
+
+def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def to_record(arrays: Mapping[str, np.ndarray | torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({name: torch.as_tensor(value) for name, value in arrays.items()})
+
+
+def lora_settings(config: Mapping[str, object]) -> LoraSettings:
+    """The adapter settings a federation's run config names (`lora-rank`, `lora-alpha`, `lora-seed`)."""
+    return LoraSettings(
+        rank=int(number(config, "lora-rank")),
+        alpha=int(number(config, "lora-alpha")),
+        seed=int(number(config, "lora-seed")),
+    )

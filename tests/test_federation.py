@@ -1,0 +1,160 @@
+"""The federated run on Flower's Simulation Engine: the same ServerApp and ClientApp code as deployment.
+
+Three virtual merchants with their own (synthetic) shops, two rounds. Checked: every update is accepted
+and averaged, each merchant's ε accumulates across rounds within its budget, checkpoints and the final
+global adapter are written, every merchant keeps a calibrated global detector, and nothing but LoRA B
+tensors and whitelisted metrics ever leaves a merchant (a Flower mod records every outgoing message).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.simulation import run_simulation
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from fedanom.client import app as merchant_app
+from fedanom.client.detector import BehaviourDetector
+from fedanom.client.training import TrainSettings
+from fedanom.common.artifact import save_backbone
+from fedanom.common.ingest import ingest
+from fedanom.common.model import BackboneConfig
+from fedanom.common.presets import resolve_preset
+from fedanom.common.records import RUN_DEFAULTS
+from fedanom.common.windows import Windows
+from fedanom.server.app import build_app
+from fedanom.server.pretrain import pretrain_backbone
+from fedanom.simulations.attacks import inject
+from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
+
+SPY_DIR = "FEDANOM_TEST_SPY_DIR"
+
+
+def record_outgoing(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A Flower mod: write down what every reply carries, before it leaves the merchant."""
+    reply = call_next(msg, context)
+    seen = {"type": msg.metadata.message_type, "error": reply.has_error()}
+    if not reply.has_error():
+        seen["records"] = {
+            name: {"kind": type(record).__name__, "keys": sorted(record.keys())}
+            for name, record in reply.content.items()
+        }
+    spy = Path(os.environ[SPY_DIR]) / f"{uuid.uuid4().hex}.json"  # Ray runs merchants in several processes
+    spy.write_text(json.dumps(seen))
+    return reply
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("federation")
+    public = generate_shop(ShopConfig(n_events=8_000, n_users=800, n_items=2_000), seed=50)
+    ingested = ingest(write_taobao_csv(public, root / "public.csv"), resolve_preset("taobao"))
+    windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
+    model, _ = pretrain_backbone(
+        windows, BackboneConfig(d_model=32, n_layers=1, n_heads=2), TrainSettings(dp=False, epochs=1)
+    )
+    save_backbone(model, root / "base", {"test": True})
+    files = []
+    for i in range(3):
+        shop = generate_shop(ShopConfig(n_events=2_500 + 1_000 * i, n_users=300, n_items=900), seed=60 + i)
+        files.append(
+            str(write_taobao_csv(inject(shop, {"scraping-crude": 3}, seed=i), root / f"merchant-{i}.csv"))
+        )
+    spy = root / "spy"
+    spy.mkdir()
+    os.environ[SPY_DIR] = str(spy)  # Ray's workers inherit the environment
+
+    client = ClientApp(mods=[record_outgoing])
+    client.train()(merchant_app.train)
+    client.evaluate()(merchant_app.evaluate)
+    overrides: dict[str, bool | float | int | str] = {
+        "num-server-rounds": 2,
+        "min-nodes": 3,
+        "base": str(root / "base"),
+        "sim-data": ";".join(files),
+        "sim-preset": "taobao",
+        "sim-state-root": str(root / "state"),
+        "run-dir": str(root / "run"),
+        "round-timeout": 300.0,
+    }
+    run_simulation(
+        server_app=build_app(overrides),
+        client_app=client,
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
+    )
+    return root
+
+
+def rounds(root: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (root / "run" / "rounds.jsonl").read_text().splitlines()]
+
+
+def test_every_round_averages_every_merchant(federation: Path) -> None:
+    log = rounds(federation)
+    assert [r["round"] for r in log] == [1, 2]
+    for r in log:
+        assert len(r["accepted"]) == 3 and r["rejected"] == [] and r["failed"] == []
+    for k in (1, 2):
+        with np.load(federation / "run" / f"round-{k}" / "adapter.npz") as adapter:
+            assert adapter.files and all("lora_B" in name for name in adapter.files)
+            assert all(np.isfinite(adapter[name]).all() for name in adapter.files)
+    with (
+        np.load(federation / "run" / "round-1" / "adapter.npz") as one,
+        np.load(federation / "run" / "round-2" / "adapter.npz") as two,
+    ):
+        assert any(not np.array_equal(one[name], two[name]) for name in one.files)
+
+
+def test_privacy_accumulates_per_merchant_within_budget(federation: Path) -> None:
+    first, second = rounds(federation)
+    for node, metrics in second["clients"].items():
+        assert first["clients"][node]["epsilon"] < metrics["epsilon"] <= RUN_DEFAULTS["epsilon"]
+    for i in range(3):
+        ledger = json.loads((federation / "state" / f"merchant-{i}" / "privacy.json").read_text())
+        assert len(ledger["history"]) == 2  # one entry per round, kept across stateless ClientApp calls
+
+
+def test_only_adapter_tensors_and_whitelisted_metrics_leave_a_merchant(federation: Path) -> None:
+    seen = [json.loads(p.read_text()) for p in (federation / "spy").glob("*.json")]
+    assert len(seen) == 2 * 3 * 2  # (train + evaluate) x 3 merchants x 2 rounds
+    for message in seen:
+        assert not message["error"]
+        for name, record in message["records"].items():
+            if record["kind"] == "ArrayRecord":
+                assert name == "arrays" and record["keys"] and all("lora_B" in k for k in record["keys"])
+            else:
+                assert record["kind"] == "MetricRecord" and name == "metrics"
+                assert set(record["keys"]) <= set(merchant_app.METRIC_KEYS)
+
+
+def test_final_global_adapter_and_merchant_detectors(federation: Path) -> None:
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(federation / "base"), federation / "run" / "global" / "adapter"
+    )
+    assert plain is not None
+    for i in range(3):
+        detector = BehaviourDetector.load(federation / "state" / f"merchant-{i}" / "detector")
+        assert detector.provenance["federated_round"] == 2
+        ingested = ingest(
+            federation / f"merchant-{i}.csv", resolve_preset("taobao"), popularity=detector.popularity
+        )
+        windows = Windows.from_batches(ingested.batches(), detector.popularity, ingested.report)
+        assert np.isfinite(detector.decision_function(windows)).all()
+
+
+def test_run_defaults_match_pyproject() -> None:
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == RUN_DEFAULTS
