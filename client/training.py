@@ -146,7 +146,8 @@ def train_model(
     if settings.dp:
         assert ledger is not None
         # a federation plans for every round still to come, so one round cannot spend the whole budget
-        noise = ledger.plan(batch_size / n, max(steps, planned_steps or 0))
+        # Opacus's Poisson loader samples at 1 / len(loader), not batch_size / n: plan with what it accounts
+        noise = ledger.plan(1.0 / len(loader), max(steps, planned_steps or 0))
         train_model, optimizer, loader, engine = make_private(
             model, optimizer, loader, settings=settings, ledger=ledger, noise_multiplier=noise
         )

@@ -22,6 +22,10 @@ from fedanom.common.errors import FedanomError
 
 LEDGER_FILE = "privacy.json"
 MAX_NOISE = 50.0  # beyond this a step carries no useful signal: the budget is spent
+# Less than this share of the budget left counts as spent: RDP composition would otherwise let ever
+# noisier runs squeeze into the sliver a run planned to use the whole budget leaves behind.
+EXHAUSTED_SHARE = 0.01
+NOISE_TOLERANCE = 1.002  # the noise search stops within 0.2%, so a planned run leaves < 1% unspent
 
 
 class BudgetExhausted(FedanomError):
@@ -78,8 +82,11 @@ class PrivacyLedger:
             return accountant.get_epsilon(self.delta)
 
     def plan(self, sample_rate: float, steps: int) -> float:
-        """The smallest noise multiplier (to 1%) whose `steps` keep the total within the budget."""
-        if self.epsilon_after(MAX_NOISE, sample_rate, steps) > self.epsilon_budget:
+        """The smallest noise multiplier (to 0.2%) whose `steps` keep the total within the budget."""
+        remaining = self.epsilon_budget - self.spent()
+        if remaining < EXHAUSTED_SHARE * self.epsilon_budget or (
+            self.epsilon_after(MAX_NOISE, sample_rate, steps) > self.epsilon_budget
+        ):
             raise BudgetExhausted(
                 f"privacy budget exhausted: ε {self.spent():.3g} of {self.epsilon_budget:g} is spent "
                 f"(δ={self.delta:.2g}) and {steps} more steps cannot fit; raise --epsilon or stop training"
@@ -87,7 +94,7 @@ class PrivacyLedger:
         low, high = 0.05, MAX_NOISE
         if self.epsilon_after(low, sample_rate, steps) <= self.epsilon_budget:
             return low
-        while high / low > 1.01:
+        while high / low > NOISE_TOLERANCE:
             mid = math.sqrt(low * high)
             if self.epsilon_after(mid, sample_rate, steps) > self.epsilon_budget:
                 low = mid

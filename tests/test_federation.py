@@ -30,7 +30,7 @@ from fedanom.common.artifact import save_backbone
 from fedanom.common.ingest import ingest
 from fedanom.common.model import BackboneConfig
 from fedanom.common.presets import resolve_preset
-from fedanom.common.records import RUN_DEFAULTS
+from fedanom.common.records import RUN_DEFAULTS, to_numpy, to_record
 from fedanom.common.windows import Windows
 from fedanom.server.app import build_app
 from fedanom.server.pretrain import pretrain_backbone
@@ -122,7 +122,10 @@ def test_privacy_accumulates_per_merchant_within_budget(federation: Path) -> Non
         assert first["clients"][node]["epsilon"] < metrics["epsilon"] <= RUN_DEFAULTS["epsilon"]
     for i in range(3):
         ledger = json.loads((federation / "state" / f"merchant-{i}" / "privacy.json").read_text())
-        assert len(ledger["history"]) == 2  # one entry per round, kept across stateless ClientApp calls
+        # both rounds' steps are on record (one epoch a round = 1/q steps), kept across stateless ClientApp
+        # calls; a consistent plan gives both rounds the same noise, so Opacus merges them into one entry
+        sample_rate = ledger["history"][0][1]
+        assert sum(steps for _, _, steps in ledger["history"]) == 2 * round(1 / sample_rate)
 
 
 def test_only_adapter_tensors_and_whitelisted_metrics_leave_a_merchant(federation: Path) -> None:
@@ -158,3 +161,89 @@ def test_run_defaults_match_pyproject() -> None:
 
     pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     assert pyproject["tool"]["flwr"]["app"]["config"] == RUN_DEFAULTS
+
+
+CORRUPT = "FEDANOM_TEST_CORRUPT"  # partition-id=kind,... : which merchants send which broken update
+
+
+def corrupt_updates(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A Flower mod standing in for a buggy or malicious merchant: it breaks its own outgoing update."""
+    reply = call_next(msg, context)
+    plan = dict(item.split("=") for item in os.environ.get(CORRUPT, "").split(",") if item)
+    kind = plan.get(str(context.node_config["partition-id"]))
+    if kind and msg.metadata.message_type == "train" and not reply.has_error():
+        arrays = to_numpy(reply.content.array_records["arrays"])
+        name = sorted(arrays)[0]
+        if kind == "nan":
+            arrays[name] = np.full_like(arrays[name], np.nan)
+        elif kind == "shape":
+            arrays[name] = np.zeros((*arrays[name].shape, 2), dtype=arrays[name].dtype)
+        else:  # "huge"
+            arrays = {k: v + 1e4 for k, v in arrays.items()}
+        reply.content["arrays"] = to_record(arrays)
+    return reply
+
+
+def simulate(
+    root: Path, run: str, merchants: list[str], **overrides: bool | float | int | str
+) -> list[dict[str, Any]]:
+    client = ClientApp(mods=[corrupt_updates])
+    client.train()(merchant_app.train)
+    client.evaluate()(merchant_app.evaluate)
+    config: dict[str, bool | float | int | str] = {
+        "num-server-rounds": 1,
+        "min-nodes": len(merchants),
+        "base": str(root / "base"),
+        "sim-data": ";".join(merchants),
+        "sim-preset": "taobao",
+        "sim-state-root": str(root / f"state-{run}"),
+        "run-dir": str(root / run),
+        "round-timeout": 300.0,
+        **overrides,
+    }
+    run_simulation(
+        server_app=build_app(config),
+        client_app=client,
+        num_supernodes=len(merchants),
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
+    )
+    return [json.loads(line) for line in (root / run / "rounds.jsonl").read_text().splitlines()]
+
+
+def test_broken_updates_are_rejected_and_the_global_stays_the_honest_average(federation: Path) -> None:
+    merchants = [str(federation / f"merchant-{i % 3}.csv") for i in range(5)]
+    os.environ[CORRUPT] = "0=nan,1=shape,2=huge"
+    try:
+        (log,) = simulate(
+            federation, "poisoned", merchants, **{"sim-state-root": str(federation / "state-poisoned")}
+        )
+    finally:
+        os.environ.pop(CORRUPT)
+    reasons = sorted(r["reason"] for r in log["rejected"])
+    assert len(log["accepted"]) == 2 and len(reasons) == 3
+    assert any("non-finite" in r for r in reasons)
+    assert any("shape" in r for r in reasons)
+    assert any("above the bound" in r for r in reasons)
+    honest = [log["clients"][str(node)] for node in log["accepted"]]
+    assert all(c["num-examples"] > 0 for c in honest)
+    with np.load(federation / "poisoned" / "round-1" / "adapter.npz") as adapter:
+        assert all(
+            np.isfinite(adapter[name]).all() and np.abs(adapter[name]).max() < 1.0 for name in adapter.files
+        )
+
+
+def test_a_spent_budget_is_answered_not_overdrawn(federation: Path) -> None:
+    merchants = [str(federation / f"merchant-{i}.csv") for i in range(3)]
+    first = simulate(
+        federation, "budget-1", merchants, epsilon=1.0, **{"sim-state-root": str(federation / "budget")}
+    )
+    assert all(len(r["accepted"]) == 3 for r in first)
+    second = simulate(
+        federation, "budget-2", merchants, epsilon=1.0, **{"sim-state-root": str(federation / "budget")}
+    )
+    (round_one,) = second
+    assert round_one["accepted"] == [] and len(round_one["failed"]) == 3
+    assert all("privacy budget exhausted" in f["reason"] for f in round_one["failed"])
+    for i in range(3):
+        ledger = json.loads((federation / "budget" / f"merchant-{i}" / "privacy.json").read_text())
+        assert len(ledger["history"]) == 1  # the refused run spent nothing
