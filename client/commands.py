@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,9 @@ import typer
 
 from fedanom.client.detector import BehaviourDetector
 from fedanom.client.training import TrainSettings
+from fedanom.common.artifact import backbone_hash
 from fedanom.common.errors import FedanomError
+from fedanom.common.flower import check_transport, flower_environment, split_address
 from fedanom.common.model import LoraSettings
 from fedanom.common.privacy import PrivacyLedger
 from fedanom.common.scoring import explain
@@ -187,3 +190,53 @@ def _read_labels(path: Path, windows: Windows) -> np.ndarray:
     lookup = dict(zip(table[key], values.astype(int), strict=True))
     ids = windows.session if key == "session_id" else windows.user
     return np.array([lookup.get(i, 0) for i in ids], dtype=np.int8)
+
+
+@data_options()
+def client(
+    source: DataSource,
+    server: Annotated[str, typer.Option("--server", help="The operator's SuperLink, HOST:PORT.")],
+    base: Annotated[Path, typer.Option("--base", help="Backbone directory (as the operator names it).")],
+    state_dir: Annotated[
+        Path, typer.Option("--state-dir", help="Privacy ledger and the latest global detector live here.")
+    ] = Path(".fedanom-state"),
+    epsilon: Annotated[
+        float, typer.Option("--epsilon", help="This merchant's total privacy budget ε.")
+    ] = 8.0,
+    port: Annotated[
+        int, typer.Option("--port", help="Local port of the SuperNode's own runtime API.")
+    ] = 9094,
+    root_certificates: Annotated[
+        Path | None, typer.Option("--root-certificates", help="CA certificate of the operator's SuperLink.")
+    ] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow plain text outside loopback.")] = False,
+) -> None:
+    """Join a federation as a merchant: a Flower SuperNode training on this data with DP (Ctrl-C leaves)."""
+    if (
+        source.mapping
+        or source.sep
+        or source.timestamp_format
+        or source.event_type
+        or source.encoding != "utf-8"
+    ):
+        raise FedanomError(
+            "a federation client reads its data with --preset only; convert the file or use a preset"
+        )
+    ingested = source.read(default_quarantine=state_dir / "quarantine.csv")  # fails early, in one sentence
+    backbone_hash(base)
+    host, _ = split_address(server)
+    plain = check_transport(host, insecure=insecure, has_certificates=root_certificates is not None)
+    node_config = (
+        f"data='{source.data.resolve()}' preset='{source.preset or ''}' state-dir='{state_dir.resolve()}' "
+        f"epsilon={epsilon} base='{base.resolve()}'"
+    )
+    command = ["flower-supernode", "--superlink", server, "--port", str(port), "--node-config", node_config]
+    command += ["--insecure"] if plain else ["--root-certificates", str(root_certificates)]
+    err.print(
+        f"joining the federation at {server} with {ingested.report.rows_kept:,} events of {source.data.name};"
+        " "
+        f"privacy budget ε={epsilon:g}, spent so far {PrivacyLedger.spent_in(state_dir):.2f}"
+    )
+    result = subprocess.run(command, env=flower_environment())
+    if result.returncode not in (0, -2, 130):
+        raise FedanomError(f"the SuperNode stopped with exit code {result.returncode}")

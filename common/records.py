@@ -41,6 +41,11 @@ RUN_DEFAULTS: dict[str, bool | float | int | str] = {
 }
 
 
+# What a merchant reports after training a round: the whole list (plus "val-surprise" after evaluation).
+TRAIN_METRICS = ("num-examples", "train-loss", "epsilon")
+Metrics = dict[str, int | float | list[int] | list[float]]
+
+
 def number(config: Mapping[str, object], key: str) -> float:
     value = config.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):

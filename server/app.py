@@ -24,10 +24,16 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedanom.common.artifact import backbone_hash, load_backbone
 from fedanom.common.model import attach_lora, trainable_state
-from fedanom.common.records import RUN_DEFAULTS, lora_settings, number, text, to_numpy, to_record
+from fedanom.common.records import (
+    RUN_DEFAULTS,
+    TRAIN_METRICS,
+    lora_settings,
+    number,
+    text,
+    to_numpy,
+    to_record,
+)
 from fedanom.server.aggregation import Arrays, Update, aggregate
-
-METRIC_KEYS_TRAIN = ("num-examples", "train-loss", "epsilon")
 
 app = ServerApp()
 
@@ -52,8 +58,11 @@ FORWARDED = (
 class CheckedFedAvg(FedAvg):
     """FedAvg's sampling and messages; fedanom's validated aggregation and per-round log."""
 
-    def __init__(self, *, method: str, norm_bound: float | None, log_path: Path, **kwargs: Any) -> None:
+    def __init__(
+        self, *, method: str, norm_bound: float | None, log_path: Path, round_offset: int = 0, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
+        self.round_offset = round_offset  # rounds completed before a resume
         self.method = method
         self.norm_bound = norm_bound
         self.log_path = log_path
@@ -74,14 +83,14 @@ class CheckedFedAvg(FedAvg):
             if msg.has_error():
                 failed.append({"node": node, "reason": _last_sentence(msg.error.reason)})
                 continue
-            metrics = {key: number(msg.content.metric_records["metrics"], key) for key in METRIC_KEYS_TRAIN}
+            metrics = {key: number(msg.content.metric_records["metrics"], key) for key in TRAIN_METRICS}
             per_client[str(node)] = metrics
             arrays = to_numpy(msg.content.array_records["arrays"])
             updates.append(Update(node=node, arrays=arrays, examples=int(metrics["num-examples"])))
         merged, rejected = aggregate(updates, self.current, method=self.method, norm_bound=self.norm_bound)
         accepted = [u for u in updates if u.node not in {node for node, _ in rejected}]
         summary = {
-            "round": server_round,
+            "round": self.round_offset + server_round,
             "time": time.time(),
             "accepted": [u.node for u in accepted],
             "rejected": [{"node": node, "reason": reason} for node, reason in rejected],
@@ -147,6 +156,7 @@ def run_federation(grid: Grid, cfg: Mapping[str, object]) -> None:
         method=text(cfg, "aggregation"),
         norm_bound=norm_bound,
         log_path=run_dir / "rounds.jsonl",
+        round_offset=done,
         fraction_train=number(cfg, "fraction-train"),
         fraction_evaluate=number(cfg, "fraction-train"),
         min_train_nodes=min_nodes,

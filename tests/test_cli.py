@@ -60,7 +60,7 @@ def test_user_mistakes_give_one_line_and_no_traceback(tmp_path: Path) -> None:
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
 
 
-@pytest.mark.parametrize("command", ["client", "server", "simulate"])
+@pytest.mark.parametrize("command", ["simulate"])
 def test_commands_not_built_yet_say_so(command: str, tmp_path: Path) -> None:
     result = fedanom(command, "--anything", cwd=tmp_path)
     assert result.returncode == 1

@@ -1,0 +1,186 @@
+"""`fedanom server`: the operator's federated run on a real Flower SuperLink.
+
+It starts `flower-superlink`, writes the Flower app (a pyproject naming fedanom's installed ServerApp and
+ClientApp) and a Flower CLI connection under the run directory, launches the run with `flwr run`
+(so `flwr ls` / `flwr log` work against it with FLWR_HOME=<run-dir>/flwr-home), waits for it and stops
+the SuperLink. Merchants join with `fedanom client`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedanom.common.artifact import backbone_hash
+from fedanom.common.errors import FedanomError
+from fedanom.common.flower import check_transport, flower_environment, split_address, wait_for_port
+from fedanom.common.records import RUN_DEFAULTS
+from fedanom.server.aggregation import AGGREGATORS
+
+CONNECTION = "fedanom"
+
+
+def app_pyproject() -> str:
+    """The Flower app `flwr run` ships: fedanom's components, from the installed package."""
+    values = "\n".join(f"{key} = {_toml(value)}" for key, value in RUN_DEFAULTS.items())
+    return f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedanom-federation"
+version = "0.1.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedanom"
+
+[tool.flwr.app.components]
+serverapp = "fedanom.server.app:app"
+clientapp = "fedanom.client.app:app"
+
+[tool.flwr.app.config]
+{values}
+"""
+
+
+def _toml(value: bool | float | int | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def run_config(values: dict[str, bool | float | int | str]) -> str:
+    """`flwr run --run-config` syntax: key=value pairs, text quoted."""
+    return " ".join(f"{key}={_toml(value).replace(chr(34), chr(39))}" for key, value in values.items())
+
+
+def server(
+    base: Annotated[
+        Path, typer.Option("--base", help="Backbone directory (the same path on every merchant).")
+    ],
+    rounds: Annotated[int, typer.Option("--rounds")] = 3,
+    min_clients: Annotated[int, typer.Option("--min-clients", help="Merchants needed to start a round.")] = 2,
+    fraction: Annotated[
+        float, typer.Option("--fraction", help="Share of merchants sampled each round.")
+    ] = 1.0,
+    round_timeout: Annotated[
+        float, typer.Option("--round-timeout", help="Seconds to wait for replies.")
+    ] = 600.0,
+    aggregation: Annotated[str, typer.Option("--aggregation", help=", ".join(AGGREGATORS))] = "fedavg",
+    norm_bound: Annotated[
+        float, typer.Option("--norm-bound", help="Largest update change norm; 0: adaptive.")
+    ] = 0.0,
+    local_epochs: Annotated[float, typer.Option("--local-epochs")] = 1.0,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    learning_rate: Annotated[float, typer.Option("--learning-rate")] = 0.02,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm")] = 1.0,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 8,
+    alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = 16,
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="Checkpoints, logs, the global adapter.")] = Path(
+        "runs/fedanom"
+    ),
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue after the last completed round.")
+    ] = False,
+    address: Annotated[
+        str, typer.Option("--address", help="Where merchants reach the SuperLink.")
+    ] = "127.0.0.1:8000",
+    certificates: Annotated[
+        Path | None, typer.Option("--certificates", help="Directory with ca.crt, server.pem, server.key.")
+    ] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow plain text outside loopback.")] = False,
+) -> None:
+    """Run a federation: a Flower SuperLink, rounds of merchants' DP adapters, a global detector."""
+    backbone_hash(base)  # a clear error now rather than in every merchant later
+    if aggregation not in AGGREGATORS:
+        raise FedanomError(f"--aggregation must be one of {', '.join(AGGREGATORS)}")
+    host, port = split_address(address)
+    plain = check_transport(host, insecure=insecure, has_certificates=certificates is not None)
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "app").mkdir(exist_ok=True)
+    (run_dir / "app" / "pyproject.toml").write_text(app_pyproject())
+    home = run_dir / "flwr-home"
+    home.mkdir(exist_ok=True)
+    tls = (
+        "insecure = true"
+        if plain
+        else f'root-certificates = "{(certificates or Path()).resolve() / "ca.crt"}"'
+    )
+    connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{connect_host}:{port}"\n{tls}\n'
+    )
+    link = [
+        "flower-superlink",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str(run_dir / "superlink.db"),
+        "--disable-runtime-dependency-installation",
+    ]
+    if plain:
+        link.append("--insecure")
+    else:
+        assert certificates is not None
+        link += [
+            "--ssl-ca-certfile",
+            str(certificates / "ca.crt"),
+            "--ssl-certfile",
+            str(certificates / "server.pem"),
+            "--ssl-keyfile",
+            str(certificates / "server.key"),
+        ]
+    values: dict[str, bool | float | int | str] = {
+        "num-server-rounds": rounds,
+        "min-nodes": min_clients,
+        "fraction-train": fraction,
+        "round-timeout": round_timeout,
+        "aggregation": aggregation,
+        "norm-bound": norm_bound,
+        "resume": resume,
+        "run-dir": str(run_dir),
+        "base": str(base.resolve()),
+        "local-epochs": local_epochs,
+        "batch-size": batch_size,
+        "learning-rate": learning_rate,
+        "max-grad-norm": max_grad_norm,
+        "lora-rank": rank,
+        "lora-alpha": alpha,
+    }
+    env = flower_environment(FLWR_HOME=str(home))
+    with open(run_dir / "superlink.log", "a") as log:
+        superlink = subprocess.Popen(link, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_for_port(connect_host, port, seconds=60, what="the SuperLink")
+            typer.echo(f"SuperLink on {host}:{port}; waiting for {min_clients} merchants (fedanom client)")
+            command = [
+                "flwr",
+                "run",
+                str(run_dir / "app"),
+                CONNECTION,
+                "--run-config",
+                run_config(values),
+                "--stream",
+            ]
+            finished = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            superlink.terminate()
+            superlink.wait(timeout=30)
+    rounds_log = run_dir / "rounds.jsonl"
+    if finished.returncode != 0 or not (run_dir / "global" / "adapter").exists():
+        raise FedanomError(f"the federated run did not finish; see {run_dir / 'superlink.log'}")
+    done = [json.loads(line) for line in rounds_log.read_text().splitlines()] if rounds_log.exists() else []
+    rejected = sum(len(r["rejected"]) for r in done)
+    typer.echo(
+        f"federation finished: {len(done)} rounds, {rejected} updates rejected; "
+        f"global adapter in {run_dir / 'global' / 'adapter'}, checkpoints in {run_dir}"
+    )
