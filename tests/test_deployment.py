@@ -179,3 +179,58 @@ def test_plain_text_outside_loopback_is_refused(tmp_path: Path) -> None:
         and "not a loopback address" in result.stderr
         and "Traceback" not in result.stderr
     )
+
+
+def test_a_federation_over_tls_with_generated_certificates(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parent.parent / "deploy" / "generate-certificates.sh"
+    subprocess.run(
+        ["bash", str(script), str(tmp_path / "certs"), "--nodes", "1"], check=True, capture_output=True
+    )
+    save_backbone(
+        BackboneConfig(d_model=16, n_layers=1, n_heads=2).build(), tmp_path / "base", {"test": True}
+    )
+    shop = generate_shop(ShopConfig(n_events=1_500, n_users=200, n_items=500), seed=99)
+    write_taobao_csv(shop, tmp_path / "m.csv")
+    address = f"127.0.0.1:{free_port()}"
+    server = start(
+        "server",
+        "--base",
+        "base",
+        "--rounds",
+        "1",
+        "--min-clients",
+        "1",
+        "--run-dir",
+        "run",
+        "--address",
+        address,
+        "--certificates",
+        "certs",
+        cwd=tmp_path,
+        log=tmp_path / "server.log",
+    )
+    client = start(
+        "client",
+        "--server",
+        address,
+        "--data",
+        "m.csv",
+        "-p",
+        "taobao",
+        "--base",
+        "base",
+        "--root-certificates",
+        "certs/ca.crt",
+        "--port",
+        str(free_port()),
+        cwd=tmp_path,
+        log=tmp_path / "client.log",
+    )
+    try:
+        assert server.wait(timeout=300) == 0, (tmp_path / "server.log").read_text()[-3000:]
+    finally:
+        kill(server)
+        kill(client)
+    assert "Uvicorn running on https://" in (tmp_path / "run" / "superlink.log").read_text()
+    (round_one,) = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert len(round_one["accepted"]) == 1
