@@ -52,6 +52,12 @@ def train(
     full_lora: Annotated[
         bool, typer.Option("--full-lora", help="Train LoRA A too (default: FFA-LoRA).")
     ] = False,
+    lora_targets: Annotated[
+        str | None,
+        typer.Option(
+            "--lora-targets", help="Comma-separated linear layers to adapt (default: all in each block)."
+        ),
+    ] = None,
     alert_rate: Annotated[
         float, typer.Option("--alert-rate", help="Share of normal sessions to flag.")
     ] = 0.01,
@@ -71,7 +77,13 @@ def train(
     detector = BehaviourDetector.from_backbone(
         base,
         ingested.popularity,
-        lora=LoraSettings(rank=rank, alpha=alpha, ffa=not full_lora, supervised_head=known is not None),
+        lora=LoraSettings(
+            rank=rank,
+            alpha=alpha,
+            targets=tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip()),
+            ffa=not full_lora,
+            supervised_head=known is not None,
+        ),
         session=session,
         device=device,
     )

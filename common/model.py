@@ -143,12 +143,25 @@ def attach_lora(backbone: PreTrainedModel, settings: LoraSettings) -> PeftModel:
         torch.manual_seed(settings.seed)
         if settings.supervised_head:
             add_anomaly_head(backbone)
-        model = get_peft_model(backbone, config)
+        try:
+            model = get_peft_model(backbone, config)
+        except ValueError:
+            layers = sorted(
+                {name.rsplit(".", 1)[-1] for name, m in backbone.named_modules() if _is_linear(m)}
+            )
+            raise FedanomError(
+                f"LoRA targets {', '.join(config.target_modules or [])} are not layers of this "
+                f"{architecture_of(backbone)} backbone; its linear layers are {', '.join(layers)}"
+            ) from None
     if settings.ffa:
         for name, param in model.named_parameters():
             if "lora_A" in name:
                 param.requires_grad_(False)
     return model
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's linear layers
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

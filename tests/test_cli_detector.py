@@ -163,6 +163,21 @@ def test_user_mistakes_are_one_line(workdir: Path) -> None:
             "merchant.csv",
         ),
     ]
+    cases.append(
+        (
+            "train",
+            "--data",
+            "merchant.csv",
+            "-p",
+            "taobao",
+            "--base",
+            "base",
+            "--out",
+            "x",
+            "--lora-targets",
+            "nope",
+        )
+    )
     for args in cases:
         result = fedanom(*args, cwd=workdir)
         assert result.returncode == 1, (args, result.stderr)

@@ -58,3 +58,24 @@ def test_taobao_event_mix_matches_source(shared_data: Path) -> None:
         EVENT_CODE["cart"]: 6_063,
         EVENT_CODE["fav"]: 3_383,
     }
+
+
+def test_retailrocket_preset_reads_its_documented_schema(tmp_path: Path) -> None:
+    """No RetailRocket sample ships in ../shared/data; its public schema is timestamp (ms), visitorid,
+    event (view / addtocart / transaction), itemid, transactionid."""
+    (tmp_path / "events.csv").write_text(
+        "timestamp,visitorid,event,itemid,transactionid\n"
+        "1433221332117,257597,view,355908,\n"
+        "1433224214164,992329,view,248676,\n"
+        "1433221999827,257597,addtocart,355908,\n"
+        "1433222276276,257597,transaction,355908,4000\n"
+        "1433221955914,483574,teleport,21410,\n"
+    )
+    ingested = ingest(
+        tmp_path / "events.csv", resolve_preset("retailrocket"), quarantine_path=tmp_path / "q.csv"
+    )
+    (batch,) = list(ingested.batches())
+    assert ingested.report.rows_kept == 4 and ingested.report.bad_rows == {"unknown event type": 1}
+    first = batch.session.to_pylist().index("257597:1433221332117")
+    events = batch.etype[batch.offsets[first] : batch.offsets[first + 1]].tolist()
+    assert events == [EVENT_CODE["view"], EVENT_CODE["cart"], EVENT_CODE["purchase"]]
