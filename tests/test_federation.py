@@ -238,12 +238,16 @@ def test_a_spent_budget_is_answered_not_overdrawn(federation: Path) -> None:
         federation, "budget-1", merchants, epsilon=1.0, **{"sim-state-root": str(federation / "budget")}
     )
     assert all(len(r["accepted"]) == 3 for r in first)
-    second = simulate(
-        federation, "budget-2", merchants, epsilon=1.0, **{"sim-state-root": str(federation / "budget")}
-    )
-    (round_one,) = second
-    assert round_one["accepted"] == [] and len(round_one["failed"]) == 3
-    assert all("privacy budget exhausted" in f["reason"] for f in round_one["failed"])
+    state: dict[str, bool | float | int | str] = {
+        "sim-state-root": str(federation / "budget"),
+        "num-server-rounds": 2,
+    }
+    resent, refused = simulate(federation, "budget-2", merchants, epsilon=1.0, **state)
+    # round 1 on the same initial adapter: each merchant re-sends the update it already released (free)
+    assert len(resent["accepted"]) == 3
+    # round 2 needs new training, which the spent budget cannot pay for
+    assert refused["accepted"] == [] and len(refused["failed"]) == 3
+    assert all("privacy budget exhausted" in f["reason"] for f in refused["failed"])
     for i in range(3):
         ledger = json.loads((federation / "budget" / f"merchant-{i}" / "privacy.json").read_text())
-        assert len(ledger["history"]) == 1  # the refused run spent nothing
+        assert len(ledger["history"]) == 1  # nothing was spent by the second run
