@@ -19,7 +19,16 @@ from fedanom.common.model import LoraSettings
 from fedanom.common.privacy import PrivacyLedger
 from fedanom.common.scoring import explain
 from fedanom.common.windows import Windows
-from fedanom.options import DataSource, data_options, err, progress_bar, session_config
+from fedanom.options import (
+    DataSource,
+    DeviceOption,
+    EpsilonOption,
+    StateDirOption,
+    data_options,
+    err,
+    progress_bar,
+    session_config,
+)
 
 
 @data_options()
@@ -27,9 +36,7 @@ def train(
     source: DataSource,
     base: Annotated[Path, typer.Option("--base", help="Backbone directory (from `fedanom pretrain`).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Detector directory to write.")],
-    epsilon: Annotated[
-        float, typer.Option("--epsilon", help="This merchant's total privacy budget ε.")
-    ] = 8.0,
+    epsilon: EpsilonOption = 8.0,
     delta: Annotated[
         float | None, typer.Option("--delta", help="δ (default 1/training sessions; fixed at first use).")
     ] = None,
@@ -38,9 +45,7 @@ def train(
         Path | None,
         typer.Option("--labels", help="CSV of known sessions: session_id (or user_id), label (1=attack)."),
     ] = None,
-    state_dir: Annotated[
-        Path, typer.Option("--state-dir", help="Where this merchant's privacy ledger lives across runs.")
-    ] = Path(".fedanom-state"),
+    state_dir: StateDirOption = Path(".fedanom-state"),
     epochs: Annotated[float, typer.Option("--epochs")] = 3.0,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
     learning_rate: Annotated[float, typer.Option("--learning-rate")] = 2e-2,
@@ -65,9 +70,7 @@ def train(
         float, typer.Option("--session-gap", help="Minutes of inactivity ending a session.")
     ] = 30.0,
     window: Annotated[int, typer.Option("--window", help="Most events in one scored window.")] = 128,
-    device: Annotated[
-        str | None, typer.Option("--device", help="cpu or cuda (default: cuda if present).")
-    ] = None,
+    device: DeviceOption = None,
 ) -> None:
     """Fit a detector on this merchant's own events, with DP: adapter + calibration, saved to --out."""
     session = session_config(session_gap, window)
@@ -126,9 +129,7 @@ def score(
         float | None,
         typer.Option("--alert-rate", help="Share of normal sessions to flag (default: the detector's)."),
     ] = None,
-    device: Annotated[
-        str | None, typer.Option("--device", help="cpu or cuda (default: cuda if present).")
-    ] = None,
+    device: DeviceOption = None,
 ) -> None:
     """Score every session of a file: id, user, score, rank, flag (and why, with --explain)."""
     if out.suffix.lower() not in (".csv", ".parquet"):
@@ -209,12 +210,8 @@ def client(
     source: DataSource,
     server: Annotated[str, typer.Option("--server", help="The operator's SuperLink, HOST:PORT.")],
     base: Annotated[Path, typer.Option("--base", help="Backbone directory (as the operator names it).")],
-    state_dir: Annotated[
-        Path, typer.Option("--state-dir", help="Privacy ledger and the latest global detector live here.")
-    ] = Path(".fedanom-state"),
-    epsilon: Annotated[
-        float, typer.Option("--epsilon", help="This merchant's total privacy budget ε.")
-    ] = 8.0,
+    state_dir: StateDirOption = Path(".fedanom-state"),
+    epsilon: EpsilonOption = 8.0,
     port: Annotated[
         int, typer.Option("--port", help="Local port of the SuperNode's own runtime API.")
     ] = 9094,

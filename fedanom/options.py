@@ -102,6 +102,16 @@ class DataSource:
 
 _SOURCE_FIELDS = [f.name for f in fields(DataSource)]
 
+# Options several commands share, declared once so their flags and help cannot drift apart.
+DeviceOption = Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda if present).")]
+EpsilonOption = Annotated[float, typer.Option("--epsilon", help="This merchant's total privacy budget ε.")]
+StateDirOption = Annotated[
+    Path,
+    typer.Option(
+        "--state-dir", help="This merchant's privacy ledger (and latest global detector) live here."
+    ),
+]
+
 
 def data_options(*, file_argument: bool = False) -> Callable[[F], F]:
     """Give a command the DataSource options; it receives them as its `source` argument.

@@ -21,7 +21,7 @@ from fedanom.common.model import ARCHITECTURES, BackboneConfig, pick_device
 from fedanom.common.scoring import event_surprise
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.windows import Windows
-from fedanom.options import DataSource, data_options, err
+from fedanom.options import DataSource, DeviceOption, data_options, err
 
 
 def pretrain_backbone(
@@ -76,9 +76,7 @@ def pretrain(
             "--base-model", help="Start from this causal-LM directory (any over the behaviour vocabulary)."
         ),
     ] = None,
-    device: Annotated[
-        str | None, typer.Option("--device", help="cpu or cuda (default: cuda if present).")
-    ] = None,
+    device: DeviceOption = None,
 ) -> None:
     """Pretrain the behaviour backbone on normal traffic; write it with save_pretrained and a hash."""
     config = BackboneConfig(

@@ -134,46 +134,16 @@ def test_every_merchant_keeps_its_ledger_and_the_global_detector(deployment: Pat
 
 
 def test_plain_text_outside_loopback_is_refused(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedanom",
-            "client",
-            "--server",
-            "203.0.113.5:8000",
-            "--data",
-            "x.csv",
-            "--base",
-            "b",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
+    command = [sys.executable, "-m", "fedanom", "client", "--server", "203.0.113.5:8000", "--data", "x.csv"]
+    command += ["--base", "b"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 1
     assert "x.csv does not exist" in result.stderr  # the data is checked first
     (tmp_path / "x.csv").write_text(
         "user_id,timestamp,event_type,item_id\nu,1700000000,view,i\nu,1700000001,view,j\n"
     )
     save_backbone(BackboneConfig(d_model=16, n_layers=1, n_heads=2).build(), tmp_path / "b", {"test": True})
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedanom",
-            "client",
-            "--server",
-            "203.0.113.5:8000",
-            "--data",
-            "x.csv",
-            "--base",
-            "b",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert (
         result.returncode == 1
         and "not a loopback address" in result.stderr
