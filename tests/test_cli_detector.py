@@ -145,39 +145,15 @@ def test_privacy_budget_accumulates_and_is_refused_when_spent(workdir: Path) -> 
 
 
 def test_user_mistakes_are_one_line(workdir: Path) -> None:
+    data = ("--data", "merchant.csv", "-p", "taobao")
+    train = ("train", *data, "--base", "base", "--out", "x")
     cases = [
-        ("score", "--data", "merchant.csv", "-p", "taobao", "--model", "det", "--out", "s.txt"),
-        ("score", "--data", "merchant.csv", "-p", "taobao", "--model", "nowhere", "--out", "s.csv"),
-        ("train", "--data", "merchant.csv", "-p", "taobao", "--base", "nowhere", "--out", "x"),
-        (
-            "train",
-            "--data",
-            "merchant.csv",
-            "-p",
-            "taobao",
-            "--base",
-            "base",
-            "--out",
-            "x",
-            "--labels",
-            "merchant.csv",
-        ),
+        ("score", *data, "--model", "det", "--out", "s.txt"),
+        ("score", *data, "--model", "nowhere", "--out", "s.csv"),
+        ("train", *data, "--base", "nowhere", "--out", "x"),
+        (*train, "--labels", "merchant.csv"),
+        (*train, "--lora-targets", "nope"),
     ]
-    cases.append(
-        (
-            "train",
-            "--data",
-            "merchant.csv",
-            "-p",
-            "taobao",
-            "--base",
-            "base",
-            "--out",
-            "x",
-            "--lora-targets",
-            "nope",
-        )
-    )
     for args in cases:
         result = fedanom(*args, cwd=workdir)
         assert result.returncode == 1, (args, result.stderr)
