@@ -1,6 +1,7 @@
 """Detector benchmarks: scoring throughput, DP training cost, architecture and aggregation choice.
 
     python benchmarks/detector.py [--threads 2] [--device cpu|cuda] [--out bench-out]
+    python benchmarks/detector.py --dp-only | --batch-sweep [--device cuda]
 
 1. Scoring sessions/s on the real session-length mix of four shops in ../shared/data (or
    $FEDANOM_SHARED_DATA): a naive one-session-at-a-time loop vs length-bucketed batches; achieved FLOP/s
@@ -30,7 +31,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import PreTrainedModel
 
-from fedanom.client.training import TrainSettings, train_model
+from fedanom.client.training import GRAD_SAMPLE_MODES, TrainSettings, train_model
 from fedanom.common.ingest import ingest
 from fedanom.common.model import BackboneConfig, LoraSettings, attach_lora, next_token_nll, pad_batch
 from fedanom.common.presets import resolve_preset
@@ -119,12 +120,41 @@ def dp_cost(base: PreTrainedModel, windows: Windows, device: torch.device) -> di
     return out
 
 
-def train_step_seconds(base: PreTrainedModel, windows: Windows, device: torch.device, *, dp: bool) -> float:
+def train_step_seconds(
+    base: PreTrainedModel,
+    windows: Windows,
+    device: torch.device,
+    *,
+    dp: bool,
+    batch_size: int = 64,
+    grad_sample_mode: str = "hooks",
+) -> float:
     model = attach_lora(base, LoraSettings())  # a fresh adapter on the frozen weights
     ledger = PrivacyLedger(epsilon_budget=8.0, delta=1.0 / windows.n_windows) if dp else None
-    report = train_model(model, windows, TrainSettings(epochs=1.0, dp=dp), ledger=ledger, device=device)
+    settings = TrainSettings(epochs=1.0, dp=dp, batch_size=batch_size, grad_sample_mode=grad_sample_mode)
+    report = train_model(model, windows, settings, ledger=ledger, device=device)
     model.unload()  # takes the adapter out of the backbone again, in place
     return report.seconds / report.steps
+
+
+def batch_sweep(windows: Windows, devices: list[torch.device]) -> list[dict[str, object]]:
+    """Training sessions/s per device and batch size, plain and DP (each per-sample-gradient mode):
+    where a GPU starts to pay off."""
+    rows: list[dict[str, object]] = []
+    for device in devices:
+        base = BackboneConfig().build(device=device)
+        for batch_size in (64, 256, 1024):
+            row: dict[str, object] = {"device": device.type, "batch_size": batch_size}
+            seconds = train_step_seconds(base, windows, device, dp=False, batch_size=batch_size)
+            row["plain_sessions_per_s"] = batch_size / seconds
+            for mode in GRAD_SAMPLE_MODES:
+                seconds = train_step_seconds(
+                    base, windows, device, dp=True, batch_size=batch_size, grad_sample_mode=mode
+                )
+                row[f"dp_{mode}_sessions_per_s"] = batch_size / seconds
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
 
 
 def dp_child(arch: str, dp: bool, shared: Path) -> None:
@@ -211,6 +241,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--dp-only", action="store_true", help="only DP vs plain step time and memory")
+    parser.add_argument("--batch-sweep", action="store_true", help="only training speed per batch size")
     parser.add_argument("--dp-child", nargs=2, metavar=("ARCH", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -248,6 +279,10 @@ def main() -> None:
         return
     real = Windows.concat([windows_of_file(shared / name, preset) for preset, name in REAL])
     sample = real.select(np.arange(min(20_000, real.n_windows)))
+    if args.batch_sweep:  # the CPU row is the same-run baseline for the device's
+        results["batch_sweep"] = batch_sweep(sample, list(dict.fromkeys([torch.device("cpu"), device])))
+        (args.out / f"detector-batches-{device.type}.json").write_text(json.dumps(results, indent=2))
+        return
 
     archs = {}
     for arch in ("gpt2", "llama"):

@@ -18,6 +18,8 @@ from fedanom.common.windows import Windows
 
 TINY = BackboneConfig(d_model=32, n_layers=1, n_heads=2, max_events=16, dropout=0.0)
 ARCHITECTURES = ["llama", "gpt2"]
+# CUDA joins where a GPU is present (a merchant's GPU path runs the same DP arithmetic); CI has none.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 def sequences(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -47,13 +49,16 @@ def toy_windows(n: int, seed: int = 0) -> Windows:
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
 @pytest.mark.parametrize(("ffa", "head"), [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("device", DEVICES)
 def test_dp_gradient_is_the_mean_of_per_example_gradients(
-    architecture: str, mode: str, ffa: bool, head: bool
+    architecture: str, mode: str, ffa: bool, head: bool, device: str
 ) -> None:
     """With no noise and a clip bound no gradient reaches, DP-SGD's gradient is the plain mean
     (adapter, and the supervised head trained on labels)."""
     config = BackboneConfig(**{**TINY.__dict__, "architecture": architecture})
-    model = attach_lora(config.build(seed=1), LoraSettings(rank=4, ffa=ffa, supervised_head=head))
+    model = attach_lora(
+        config.build(seed=1, device=device), LoraSettings(rank=4, ffa=ffa, supervised_head=head)
+    )
     # give B non-zero values so every LoRA parameter has a non-trivial gradient
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -65,8 +70,8 @@ def test_dp_gradient_is_the_mean_of_per_example_gradients(
 
     per_example = []
     for seq, label in batch:
-        ids, mask = pad_batch([seq])
-        loss = sequence_loss(model, ids, mask, torch.tensor([label]))
+        ids, mask = pad_batch([seq], device)
+        loss = sequence_loss(model, ids, mask, torch.tensor([label], device=device))
         per_example.append(torch.autograd.grad(loss, params))
     expected = [torch.stack(g).mean(0) for g in zip(*per_example, strict=True)]
 
@@ -83,7 +88,7 @@ def test_dp_gradient_is_the_mean_of_per_example_gradients(
         noise_multiplier=0.0,
         poisson_sampling=False,
     )
-    ids, mask, known = next(iter(dp_loader))
+    ids, mask, known = (t.to(device) for t in next(iter(dp_loader)))
     sequence_loss(dp_model, ids, mask, known).backward()
     dp_optimizer.step()
     assert len(params) == len(expected) > 0
