@@ -5,45 +5,59 @@ privacy ledger (ε accumulates across rounds and runs) and the latest global det
 merchant's own validation sessions and ready for `fedanom score`. Only the adapter's trained tensors and
 the whitelisted metrics below leave the merchant.
 
-The merchant is described by the SuperNode's node config (`data`, `preset`, `state-dir`, `epsilon`,
-`base`); in simulation, by the `sim-data` files the server forwards, indexed by the node's partition id.
-Everything else arrives with each round's message, so simulation and deployment behave alike.
+The merchant is described by the SuperNode's node config (`data`, `preset`, `state-dir`, `epsilon`, and
+optionally `base` and `labels`); in simulation, by the `sim-data` files the server forwards, indexed by
+the node's partition id. Everything else arrives with each round's message, so simulation and deployment
+behave alike. The backbone is found by the content hash the server announces: the merchant's own `base`
+if it matches, else one the server shipped earlier into `<state-dir>/backbones/<hash>` (`query`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from peft import PeftModel
+from sklearn.metrics import roc_auc_score
 
 from fedanom.client.detector import DEFAULT_AGGREGATION, BehaviourDetector
 from fedanom.client.training import TrainSettings, train_model
-from fedanom.common.artifact import Calibration, load_backbone
+from fedanom.common.artifact import Calibration, backbone_hash, install_backbone, load_backbone
 from fedanom.common.errors import FedanomError
 from fedanom.common.ingest import ingest
+from fedanom.common.labels import read_labels
 from fedanom.common.model import attach_lora, trainable_state
 from fedanom.common.presets import resolve_preset
 from fedanom.common.privacy import BudgetExhausted, PrivacyLedger
-from fedanom.common.records import TRAIN_METRICS, Metrics, lora_settings, number, text, to_numpy, to_record
+from fedanom.common.records import (
+    EVALUATE_METRICS,
+    HAS_BACKBONE,
+    TRAIN_METRICS,
+    Metrics,
+    lora_settings,
+    number,
+    text,
+    to_numpy,
+    to_record,
+)
 from fedanom.common.scoring import aggregate
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.tokens import Popularity
 from fedanom.common.windows import Windows
 
 # The only metrics a merchant reports (a test checks every outgoing message against this list).
-METRIC_KEYS = (*TRAIN_METRICS, "val-surprise")
+METRIC_KEYS = (*TRAIN_METRICS, *EVALUATE_METRICS)
 BUDGET_EXHAUSTED = 4001  # Error code of a reply from a merchant whose privacy budget is spent
+BACKBONE_REFUSED = 4002  # the shipped backbone did not hash to the announced value
 ALERT_RATE = 0.01  # the received global detector's calibration; `fedanom score --alert-rate` changes it
-
-app = ClientApp()
 
 
 @dataclass(frozen=True)
@@ -52,7 +66,8 @@ class Merchant:
     preset: str | None
     state_dir: Path
     epsilon: float
-    base: Path
+    base: Path | None  # the merchant's own copy of the backbone, if it has one
+    labels: Path | None = None  # known attacks among its sessions, to measure the global detector with
 
     @classmethod
     def from_context(cls, context: Context, config: Mapping[str, object]) -> Merchant:
@@ -64,17 +79,40 @@ class Merchant:
                 preset=text(node, "preset") or None,
                 state_dir=Path(text(node, "state-dir", ".fedanom-state")),
                 epsilon=number(node, "epsilon"),
-                base=Path(text(node, "base") or text(config, "base")),
+                base=Path(text(node, "base")) if text(node, "base") else None,
+                labels=Path(text(node, "labels")) if text(node, "labels") else None,
             )
         partition = int(number(node, "partition-id"))
         files = text(config, "sim-data").split(";")
+        labels = [name for name in text(config, "sim-labels").split(";") if name]
         return cls(
             data=Path(files[partition % len(files)]),
             preset=text(config, "sim-preset") or None,
             state_dir=Path(text(config, "sim-state-root")) / f"merchant-{partition}",
             epsilon=number(config, "epsilon"),
             base=Path(text(config, "base")),
+            labels=Path(labels[partition % len(labels)]) if labels else None,
         )
+
+    def backbone(self, expected_hash: str) -> Path | None:
+        """The backbone directory with this content hash, if the merchant holds it."""
+        for candidate in (self.base, self.state_dir / "backbones" / expected_hash):
+            if (
+                candidate is not None
+                and (candidate / "config.json").exists()
+                and backbone_hash(candidate) == expected_hash
+            ):
+                return candidate
+        return None
+
+    def require_backbone(self, config: Mapping[str, object]) -> Path:
+        expected = text(config, "backbone-hash")
+        found = self.backbone(expected)
+        if found is None:
+            raise FedanomError(
+                f"this merchant does not hold the backbone {expected[:12]} and none was shipped"
+            )
+        return found
 
     def windows(self) -> tuple[Windows, Windows, Popularity]:
         """This merchant's sessions: the earlier 85% to train on, the later 15% to validate on."""
@@ -88,7 +126,7 @@ class Merchant:
 
 def global_model(merchant: Merchant, config: Mapping[str, object], arrays: ArrayRecord) -> PeftModel:
     """The backbone on the merchant's disk with the global adapter loaded into it."""
-    model = attach_lora(load_backbone(merchant.base), lora_settings(config))
+    model = attach_lora(load_backbone(merchant.require_backbone(config)), lora_settings(config))
     incoming = arrays.to_torch_state_dict()
     own = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(incoming) != own:
@@ -108,7 +146,25 @@ def _reply_path(merchant: Merchant, this_round: int, arrays: ArrayRecord) -> Pat
     return merchant.state_dir / "replies" / f"round-{this_round}-{digest.hexdigest()[:16]}.npz"
 
 
-@app.train()
+def query(msg: Message, context: Context) -> Message:
+    """Whether this merchant holds the announced backbone; with shipped files, install them first."""
+    config = msg.content.config_records["config"]
+    merchant = Merchant.from_context(context, config)
+    expected = text(config, "backbone-hash")
+    if "backbone-files" in config and merchant.backbone(expected) is None:
+        names, contents = config["backbone-names"], config["backbone-files"]
+        assert isinstance(names, list) and isinstance(contents, list)
+        files = {
+            str(name): data for name, data in zip(names, contents, strict=True) if isinstance(data, bytes)
+        }
+        try:
+            install_backbone(files, expected, merchant.state_dir / "backbones" / expected)
+        except FedanomError as exc:
+            return Message(Error(code=BACKBONE_REFUSED, reason=str(exc)), reply_to=msg)
+    has = merchant.backbone(expected) is not None
+    return Message(RecordDict({"backbone": ConfigRecord({HAS_BACKBONE: has})}), reply_to=msg)
+
+
 def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     merchant = Merchant.from_context(context, config)
@@ -153,7 +209,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": to_record(update), "metrics": MetricRecord(values)}), reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the merchant's validation sessions with the global adapter, and keep that global detector,
     calibrated on them, in the state directory for `fedanom score`."""
@@ -163,7 +218,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = global_model(merchant, config, msg.content.array_records["arrays"])
     detector = BehaviourDetector(
         model,
-        backbone_dir=merchant.base,
+        backbone_dir=merchant.require_backbone(config),
         popularity=popularity,
         lora=lora_settings(config),
         session=SessionConfig(),
@@ -175,9 +230,25 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
     surprise = detector.surprise(validation)
     scores = aggregate(surprise, validation, detector.aggregation)
-    detector.calibration = Calibration.from_scores(scores, ALERT_RATE)
+    values: Metrics = {"num-examples": validation.n_windows, "val-surprise": float(np.mean(surprise.event))}
+    normal = np.ones(validation.n_windows, dtype=bool)
+    if merchant.labels is not None:
+        known = read_labels(merchant.labels, validation)
+        normal = known == 0
+        if 0 < known.sum() < len(known):
+            values["val-auroc"] = float(roc_auc_score(known, scores))
+    detector.calibration = Calibration.from_scores(scores[normal], ALERT_RATE)  # known attacks left out
     detector.save(merchant.state_dir / "detector")
-    metrics = MetricRecord(
-        {"num-examples": validation.n_windows, "val-surprise": float(np.mean(surprise.event))}
-    )
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
+
+
+def make_client_app(mods: Sequence[Mod] = ()) -> ClientApp:
+    """The merchant's ClientApp (with Flower mods around it, e.g. a test's message recorder)."""
+    client_app = ClientApp(mods=list(mods))
+    client_app.query()(query)
+    client_app.train()(train)
+    client_app.evaluate()(evaluate)
+    return client_app
+
+
+app = make_client_app()

@@ -15,6 +15,7 @@ from fedanom.client.training import TrainSettings
 from fedanom.common.artifact import backbone_hash
 from fedanom.common.errors import FedanomError
 from fedanom.common.flower import check_transport, flower_environment, split_address
+from fedanom.common.labels import read_labels
 from fedanom.common.model import LoraSettings
 from fedanom.common.privacy import PrivacyLedger
 from fedanom.common.scoring import explain
@@ -76,7 +77,7 @@ def train(
     session = session_config(session_gap, window)
     ingested = source.read(default_quarantine=out.with_name(out.name + ".quarantine.csv"), config=session)
     windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
-    known = _read_labels(labels, windows) if labels else None
+    known = read_labels(labels, windows) if labels else None
     detector = BehaviourDetector.from_backbone(
         base,
         ingested.popularity,
@@ -182,27 +183,6 @@ def _per_session(windows: pd.DataFrame, with_explanations: bool) -> pd.DataFrame
     best.insert(0, "rank", np.arange(1, len(best) + 1))
     columns = ["session_id", "user_id", "start", "events", "score", "rank"]
     return best[columns + (["explanation"] if with_explanations else [])]
-
-
-def _read_labels(path: Path, windows: Windows) -> np.ndarray:
-    """One 0/1 label per window from a CSV keyed by session_id or user_id; unlisted sessions count as 0."""
-    try:
-        table = pd.read_csv(path, dtype=str)
-    except (OSError, ValueError) as exc:
-        raise FedanomError(f"{path} cannot be read as a labels CSV ({exc})") from None
-    key = next((k for k in ("session_id", "user_id") if k in table.columns), None)
-    if key is None or "label" not in table.columns:
-        raise FedanomError(f"{path} needs a label column and a session_id or user_id column")
-    values = pd.to_numeric(table["label"], errors="coerce")
-    bad = values.isna() | ~values.isin([0, 1])
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0]) + 2
-        raise FedanomError(
-            f"{path}: line {row}, column 'label': must be 0 or 1, not '{table['label'].iloc[row - 2]}'"
-        )
-    lookup = dict(zip(table[key], values.astype(int), strict=True))
-    ids = windows.session if key == "session_id" else windows.user
-    return np.array([lookup.get(i, 0) for i in ids], dtype=np.int8)
 
 
 @data_options()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,33 @@ def backbone_hash(directory: str | Path) -> str:
     if not directory.is_dir() or not (directory / "config.json").exists():
         raise FedanomError(f"{directory} is not a model directory (no config.json)")
     return content_hash(directory, _weight_files(directory))
+
+
+def backbone_files(directory: str | Path) -> dict[str, bytes]:
+    """The files that make up a backbone, by name, for shipping it to a merchant that lacks it."""
+    directory = Path(directory)
+    names = _weight_files(directory) + ([BACKBONE_META] if (directory / BACKBONE_META).exists() else [])
+    return {name: (directory / name).read_bytes() for name in names}
+
+
+def install_backbone(files: dict[str, bytes], expected_hash: str, directory: str | Path) -> Path:
+    """Write shipped backbone files to `directory` only if their content hash is the announced one."""
+    directory = Path(directory)
+    staging = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)  # a half-written earlier attempt
+    staging.mkdir(parents=True)
+    for name, data in files.items():
+        if Path(name).name != name:
+            raise FedanomError(f"a shipped backbone file has a path in its name ('{name}'); refused")
+        (staging / name).write_bytes(data)
+    received = backbone_hash(staging)
+    if received != expected_hash:
+        raise FedanomError(
+            f"the shipped backbone hashes to {received[:12]}, not the announced {expected_hash[:12]}; refused"
+        )
+    shutil.rmtree(directory, ignore_errors=True)  # whatever lay there did not hash right, or it is this
+    os.replace(staging, directory)
+    return directory
 
 
 def load_backbone(directory: str | Path, device: torch.device | str = "cpu") -> PreTrainedModel:

@@ -31,6 +31,7 @@ RUN_DEFAULTS: dict[str, bool | float | int | str] = {
     "sim-data": "",
     "sim-preset": "",
     "sim-state-root": "runs/sim-state",
+    "sim-labels": "",
     "local-epochs": 1.0,
     "batch-size": 64,
     "learning-rate": 0.02,
@@ -41,8 +42,11 @@ RUN_DEFAULTS: dict[str, bool | float | int | str] = {
 }
 
 
-# What a merchant reports after training a round: the whole list (plus "val-surprise" after evaluation).
+# What a merchant reports: the whole list. After training a round, all of TRAIN_METRICS; after evaluating
+# the global adapter, "num-examples" and "val-surprise", plus "val-auroc" when it holds labels.
 TRAIN_METRICS = ("num-examples", "train-loss", "epsilon")
+EVALUATE_METRICS = ("num-examples", "val-surprise", "val-auroc")
+HAS_BACKBONE = "has-backbone"  # a merchant's whole answer to the server's backbone query
 Metrics = dict[str, int | float | list[int] | list[float]]
 
 

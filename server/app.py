@@ -2,10 +2,12 @@
 
 Flower's FedAvg does the sampling and the messaging; every reply then goes through fedanom's checked
 aggregation (server.aggregation), so a malformed or outsized update is logged and left out instead of
-averaged. After each round the global adapter and the round's metrics are checkpointed under
-`<run-dir>/round-<k>/`, one JSON line per round is appended to `<run-dir>/rounds.jsonl`, and with
-`resume` a restarted run continues after its last completed round. The final global adapter is written
-with peft's `save_pretrained` to `<run-dir>/global/adapter`.
+averaged. Merchants that lack the backbone get it first (server.shipping). Each round ends with a
+federated evaluation on every merchant's validation sessions. A round is complete once
+`<run-dir>/round-<k>/` holds its metrics and then its global adapter; its JSON line (training and
+evaluation, per merchant and combined) is then appended to `<run-dir>/rounds.jsonl`. With `resume` a
+restarted run continues after its last completed round. The final global adapter is written with peft's
+`save_pretrained` to `<run-dir>/global/adapter`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedanom.common.artifact import backbone_hash, load_backbone
 from fedanom.common.model import attach_lora, trainable_state
 from fedanom.common.records import (
+    EVALUATE_METRICS,
     RUN_DEFAULTS,
     TRAIN_METRICS,
     lora_settings,
@@ -34,6 +37,7 @@ from fedanom.common.records import (
     to_record,
 )
 from fedanom.server.aggregation import Arrays, Update, aggregate
+from fedanom.server.shipping import BackboneShipper
 
 app = ServerApp()
 
@@ -52,6 +56,7 @@ FORWARDED = (
     "sim-data",
     "sim-preset",
     "sim-state-root",
+    "sim-labels",
 )
 
 
@@ -59,20 +64,37 @@ class CheckedFedAvg(FedAvg):
     """FedAvg's sampling and messages; fedanom's validated aggregation and per-round log."""
 
     def __init__(
-        self, *, method: str, norm_bound: float | None, log_path: Path, round_offset: int = 0, **kwargs: Any
+        self,
+        *,
+        method: str,
+        norm_bound: float | None,
+        shipper: BackboneShipper,
+        round_offset: int = 0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.round_offset = round_offset  # rounds completed before a resume
         self.method = method
         self.norm_bound = norm_bound
-        self.log_path = log_path
+        self.shipper = shipper
         self.current: Arrays = {}
+        self.record: dict[str, Any] = {}  # the round in progress, logged once it is complete
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current = to_numpy(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        unshipped = self.shipper.ensure(grid, [m.metadata.dst_node_id for m in messages])
+        self.record = {"round": self.round_offset + server_round, "backbone_failed": _reasons(unshipped)}
+        return [m for m in messages if m.metadata.dst_node_id not in unshipped]
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        unshipped = self.shipper.ensure(grid, [m.metadata.dst_node_id for m in messages])
+        return [m for m in messages if m.metadata.dst_node_id not in unshipped]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -89,24 +111,50 @@ class CheckedFedAvg(FedAvg):
             updates.append(Update(node=node, arrays=arrays, examples=int(metrics["num-examples"])))
         merged, rejected = aggregate(updates, self.current, method=self.method, norm_bound=self.norm_bound)
         accepted = [u for u in updates if u.node not in {node for node, _ in rejected}]
-        summary = {
-            "round": self.round_offset + server_round,
-            "time": time.time(),
-            "accepted": [u.node for u in accepted],
-            "rejected": [{"node": node, "reason": reason} for node, reason in rejected],
-            "failed": failed,
-            "clients": per_client,
-        }
-        with open(self.log_path, "a") as fh:
-            fh.write(json.dumps(summary) + "\n")
+        combined: dict[str, float] = {}
+        if accepted:
+            examples = sum(u.examples for u in accepted)
+            combined = {
+                "train-loss": sum(per_client[str(u.node)]["train-loss"] * u.examples for u in accepted)
+                / examples,
+                "max-epsilon": max(per_client[str(u.node)]["epsilon"] for u in accepted),
+                "num-examples": examples,
+            }
+        self.record.update(
+            {
+                "accepted": [u.node for u in accepted],
+                "rejected": [{"node": node, "reason": reason} for node, reason in rejected],
+                "failed": failed,
+                "clients": per_client,
+                "train": combined,
+            }
+        )
         if merged is None:
             return None, None
-        examples = sum(u.examples for u in accepted)
-        loss = sum(per_client[str(u.node)]["train-loss"] * u.examples for u in accepted) / examples
-        epsilon = max(per_client[str(u.node)]["epsilon"] for u in accepted)
-        return to_record(merged), MetricRecord(
-            {"train-loss": loss, "max-epsilon": epsilon, "num-examples": examples}
-        )
+        return to_record(merged), MetricRecord(combined)  # type: ignore[arg-type]  # floats
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Every merchant's validation metrics, and their example-weighted means."""
+        per_client: dict[str, dict[str, float]] = {}
+        failed = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                failed.append({"node": node, "reason": _last_sentence(msg.error.reason)})
+                continue
+            record = msg.content.metric_records["metrics"]
+            per_client[str(node)] = {key: number(record, key) for key in EVALUATE_METRICS if key in record}
+        combined: dict[str, float] = {}
+        for key in EVALUATE_METRICS[1:]:
+            weighted = [(m[key], m["num-examples"]) for m in per_client.values() if key in m]
+            if weighted:
+                combined[key] = sum(v * n for v, n in weighted) / sum(n for _, n in weighted)
+        self.record["evaluate"] = {"clients": per_client, "failed": failed, "combined": combined}
+        return MetricRecord(combined) if combined else None  # type: ignore[arg-type]  # floats
+
+
+def _reasons(failures: Mapping[int, str]) -> list[dict[str, Any]]:
+    return [{"node": node, "reason": reason} for node, reason in failures.items()]
 
 
 def _last_sentence(reason: str | None) -> str:
@@ -125,6 +173,17 @@ def last_checkpoint(run_dir: Path) -> tuple[int, Arrays] | None:
     k, path = rounds[-1]
     with np.load(path / "adapter.npz") as data:
         return k, {name: data[name] for name in data.files}
+
+
+def rewrite_round_log(run_dir: Path, completed: int) -> None:
+    """rounds.jsonl as one line per completed round, from the checkpoints (a killed run may have left
+    a round half-written); a fresh run starts an empty log."""
+    lines = [
+        json.dumps(json.loads((run_dir / f"round-{k}" / "metrics.json").read_text()))
+        for k in range(1, completed + 1)
+        if (run_dir / f"round-{k}" / "metrics.json").exists()
+    ]
+    (run_dir / "rounds.jsonl").write_text("".join(line + "\n" for line in lines))
 
 
 def build_app(overrides: Mapping[str, bool | float | int | str] | None = None) -> ServerApp:
@@ -150,12 +209,18 @@ def run_federation(grid: Grid, cfg: Mapping[str, object]) -> None:
     resumed = last_checkpoint(run_dir) if cfg.get("resume") is True else None
     if resumed is not None:
         done, arrays = resumed
+    rewrite_round_log(run_dir, done)
     norm_bound = number(cfg, "norm-bound") or None
     min_nodes = int(number(cfg, "min-nodes"))
+    config = ConfigRecord({key: cfg[key] for key in FORWARDED})  # type: ignore[misc]  # numbers and text
+    config["num-server-rounds"] = total_rounds
+    config["round-offset"] = done
+    shipper = BackboneShipper(base, config, timeout=number(cfg, "round-timeout"))
+    config["backbone-hash"] = shipper.hash
     strategy = CheckedFedAvg(
         method=text(cfg, "aggregation"),
         norm_bound=norm_bound,
-        log_path=run_dir / "rounds.jsonl",
+        shipper=shipper,
         round_offset=done,
         fraction_train=number(cfg, "fraction-train"),
         fraction_evaluate=number(cfg, "fraction-train"),
@@ -163,16 +228,18 @@ def run_federation(grid: Grid, cfg: Mapping[str, object]) -> None:
         min_evaluate_nodes=min_nodes,
         min_available_nodes=min_nodes,
     )
-    config = ConfigRecord({key: cfg[key] for key in FORWARDED})  # type: ignore[misc]  # numbers and text
-    config["num-server-rounds"] = total_rounds
-    config["round-offset"] = done
 
     def checkpoint(server_round: int, record: ArrayRecord) -> MetricRecord | None:
+        """The round is complete: its metrics, then its adapter (the mark of completion), then its line."""
         if server_round == 0:
             return None
         target = run_dir / f"round-{done + server_round}"
         target.mkdir(parents=True, exist_ok=True)
+        summary = {**strategy.record, "time": time.time()}
+        (target / "metrics.json").write_text(json.dumps(summary, indent=1))
         np.savez(target / "adapter.npz", **to_numpy(record))  # type: ignore[arg-type]  # names are keywords
+        with open(run_dir / "rounds.jsonl", "a") as fh:
+            fh.write(json.dumps(summary) + "\n")
         return None
 
     if total_rounds > done:

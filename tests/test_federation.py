@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.simulation import run_simulation
 from peft import PeftModel
@@ -30,7 +29,7 @@ from fedanom.common.artifact import save_backbone
 from fedanom.common.ingest import ingest
 from fedanom.common.model import BackboneConfig
 from fedanom.common.presets import resolve_preset
-from fedanom.common.records import RUN_DEFAULTS, to_numpy, to_record
+from fedanom.common.records import HAS_BACKBONE, RUN_DEFAULTS, to_numpy, to_record
 from fedanom.common.windows import Windows
 from fedanom.server.app import build_app
 from fedanom.server.pretrain import pretrain_backbone
@@ -74,9 +73,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     spy.mkdir()
     os.environ[SPY_DIR] = str(spy)  # Ray's workers inherit the environment
 
-    client = ClientApp(mods=[record_outgoing])
-    client.train()(merchant_app.train)
-    client.evaluate()(merchant_app.evaluate)
+    client = merchant_app.make_client_app(mods=[record_outgoing])
     overrides: dict[str, bool | float | int | str] = {
         "num-server-rounds": 2,
         "min-nodes": 3,
@@ -105,6 +102,12 @@ def test_every_round_averages_every_merchant(federation: Path) -> None:
     assert [r["round"] for r in log] == [1, 2]
     for r in log:
         assert len(r["accepted"]) == 3 and r["rejected"] == [] and r["failed"] == []
+        assert r["backbone_failed"] == [] and r["train"]["num-examples"] > 0
+        # federated evaluation: every merchant scored its validation sessions with the new global adapter
+        assert len(r["evaluate"]["clients"]) == 3 and r["evaluate"]["failed"] == []
+        assert all(c["num-examples"] > 0 for c in r["evaluate"]["clients"].values())
+        assert np.isfinite(r["evaluate"]["combined"]["val-surprise"])
+        assert json.loads((federation / "run" / f"round-{r['round']}" / "metrics.json").read_text()) == r
     for k in (1, 2):
         with np.load(federation / "run" / f"round-{k}" / "adapter.npz") as adapter:
             assert adapter.files and all("lora_B" in name for name in adapter.files)
@@ -130,12 +133,15 @@ def test_privacy_accumulates_per_merchant_within_budget(federation: Path) -> Non
 
 def test_only_adapter_tensors_and_whitelisted_metrics_leave_a_merchant(federation: Path) -> None:
     seen = [json.loads(p.read_text()) for p in (federation / "spy").glob("*.json")]
-    assert len(seen) == 2 * 3 * 2  # (train + evaluate) x 3 merchants x 2 rounds
+    # (train + evaluate) x 3 merchants x 2 rounds, and each merchant's answer to the backbone query
+    assert len(seen) == 2 * 3 * 2 + 3
     for message in seen:
         assert not message["error"]
         for name, record in message["records"].items():
             if record["kind"] == "ArrayRecord":
                 assert name == "arrays" and record["keys"] and all("lora_B" in k for k in record["keys"])
+            elif message["type"] == "query":
+                assert record == {"kind": "ConfigRecord", "keys": [HAS_BACKBONE]} and name == "backbone"
             else:
                 assert record["kind"] == "MetricRecord" and name == "metrics"
                 assert set(record["keys"]) <= set(merchant_app.METRIC_KEYS)
@@ -187,9 +193,7 @@ def corrupt_updates(msg: Message, context: Context, call_next: ClientAppCallable
 def simulate(
     root: Path, run: str, merchants: list[str], **overrides: bool | float | int | str
 ) -> list[dict[str, Any]]:
-    client = ClientApp(mods=[corrupt_updates])
-    client.train()(merchant_app.train)
-    client.evaluate()(merchant_app.evaluate)
+    client = merchant_app.make_client_app(mods=[corrupt_updates])
     config: dict[str, bool | float | int | str] = {
         "num-server-rounds": 1,
         "min-nodes": len(merchants),
