@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,7 @@ from fedanom.client.training import TrainSettings
 from fedanom.common.artifact import backbone_hash
 from fedanom.common.errors import FedanomError
 from fedanom.common.flower import check_transport, flower_environment, split_address
-from fedanom.common.labels import read_labels
+from fedanom.common.labels import load_label_table, read_labels
 from fedanom.common.model import LoraSettings
 from fedanom.common.privacy import PrivacyLedger
 from fedanom.common.scoring import explain
@@ -185,11 +186,23 @@ def _per_session(windows: pd.DataFrame, with_explanations: bool) -> pd.DataFrame
     return best[columns + (["explanation"] if with_explanations else [])]
 
 
+RETRY_SECONDS = 5.0  # between attempts to (re)join, when the SuperNode itself gives up
+
+
 @data_options()
 def client(
     source: DataSource,
     server: Annotated[str, typer.Option("--server", help="The operator's SuperLink, HOST:PORT.")],
-    base: Annotated[Path, typer.Option("--base", help="Backbone directory (as the operator names it).")],
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            "--base", help="Own copy of the backbone (default: the operator ships one, hash-checked)."
+        ),
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option("--labels", help="CSV of known attacks (session_id or user_id, label): local AUROC."),
+    ] = None,
     state_dir: StateDirOption = Path(".fedanom-state"),
     epsilon: EpsilonOption = 8.0,
     port: Annotated[
@@ -199,6 +212,15 @@ def client(
         Path | None, typer.Option("--root-certificates", help="CA certificate of the operator's SuperLink.")
     ] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Allow plain text outside loopback.")] = False,
+    give_up_after: Annotated[
+        float, typer.Option("--give-up-after", help="Seconds to keep trying to join before giving up.")
+    ] = 3600.0,
+    auth_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--auth-key", help="This SuperNode's private key, when the operator authenticates nodes."
+        ),
+    ] = None,
 ) -> None:
     """Join a federation as a merchant: a Flower SuperNode training on this data with DP (Ctrl-C leaves)."""
     if (
@@ -212,20 +234,37 @@ def client(
             "a federation client reads its data with --preset only; convert the file or use a preset"
         )
     ingested = source.read(default_quarantine=state_dir / "quarantine.csv")  # fails early, in one sentence
-    backbone_hash(base)
+    if base is not None:
+        backbone_hash(base)
+    if labels is not None:
+        load_label_table(labels)
+    if auth_key is not None and not auth_key.is_file():
+        raise FedanomError(f"--auth-key {auth_key} does not exist")
     host, _ = split_address(server)
     plain = check_transport(host, insecure=insecure, has_certificates=root_certificates is not None)
+    optional = {"base": base.resolve() if base else "", "labels": labels.resolve() if labels else ""}
     node_config = (
         f"data='{source.data.resolve()}' preset='{source.preset or ''}' state-dir='{state_dir.resolve()}' "
-        f"epsilon={epsilon} base='{base.resolve()}'"
+        f"epsilon={epsilon} " + " ".join(f"{key}='{value}'" for key, value in optional.items())
     )
     command = ["flower-supernode", "--superlink", server, "--port", str(port), "--node-config", node_config]
     command += ["--insecure"] if plain else ["--root-certificates", str(root_certificates)]
+    if auth_key is not None:
+        command += ["--auth-supernode-private-key", str(auth_key)]
     err.print(
         f"joining the federation at {server} with {ingested.report.rows_kept:,} events of {source.data.name};"
         " "
         f"privacy budget ε={epsilon:g}, spent so far {PrivacyLedger.spent_in(state_dir):.2f}"
     )
-    result = subprocess.run(command, env=flower_environment())
-    if result.returncode not in (0, -2, 130):
-        raise FedanomError(f"the SuperNode stopped with exit code {result.returncode}")
+    deadline = time.monotonic() + give_up_after
+    while True:
+        code = subprocess.run(command, env=flower_environment()).returncode
+        if code in (0, -2, 130):  # finished, or the merchant pressed Ctrl-C
+            return
+        if time.monotonic() >= deadline:
+            raise FedanomError(f"the SuperNode kept stopping (last exit code {code}); gave up")
+        err.print(
+            f"the SuperNode stopped (exit code {code}): the SuperLink is unreachable or has not admitted "
+            f"this node's key yet; trying again in {RETRY_SECONDS:g} s"
+        )
+        time.sleep(RETRY_SECONDS)

@@ -17,7 +17,14 @@ from fedanom.common.windows import Windows
 
 
 def read_labels(path: Path, windows: Windows) -> np.ndarray:
-    """One 0/1 label per window from a CSV keyed by session_id or user_id; unlisted sessions count as 0."""
+    """One 0/1 label per window; sessions the file does not list count as 0."""
+    key, lookup = load_label_table(path)
+    ids = windows.session if key == "session_id" else windows.user
+    return np.array([lookup.get(i, 0) for i in ids], dtype=np.int8)
+
+
+def load_label_table(path: Path) -> tuple[str, dict[str, int]]:
+    """A labels CSV as (its key column, session_id or user_id; {id: 0 or 1}); a bad file is one sentence."""
     try:
         table = pd.read_csv(path, dtype=str)
     except (OSError, ValueError) as exc:
@@ -32,6 +39,4 @@ def read_labels(path: Path, windows: Windows) -> np.ndarray:
         raise FedanomError(
             f"{path}: line {row}, column 'label': must be 0 or 1, not '{table['label'].iloc[row - 2]}'"
         )
-    lookup = dict(zip(table[key], values.astype(int), strict=True))
-    ids = windows.session if key == "session_id" else windows.user
-    return np.array([lookup.get(i, 0) for i in ids], dtype=np.int8)
+    return key, dict(zip(table[key], values.astype(int), strict=True))

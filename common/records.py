@@ -21,6 +21,7 @@ RUN_DEFAULTS: dict[str, bool | float | int | str] = {
     "num-server-rounds": 3,
     "fraction-train": 1.0,
     "min-nodes": 2,
+    "expect-nodes": 0,
     "round-timeout": 600.0,
     "aggregation": "fedavg",
     "norm-bound": 0.0,

@@ -23,7 +23,7 @@ from fedanom.common.presets import PRESETS, resolve_preset
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.tokens import Popularity
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one message, one line (logs get grepped)
 F = TypeVar("F", bound=Callable[..., Any])
 
 

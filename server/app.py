@@ -175,6 +175,14 @@ def last_checkpoint(run_dir: Path) -> tuple[int, Arrays] | None:
         return k, {name: data[name] for name in data.files}
 
 
+def wait_for_nodes(grid: Grid, expected: int, seconds: float) -> None:
+    """Hold round 1 until the merchants the operator expects are connected (or time runs out), so a
+    round is not started with the first few; later rounds need only min-nodes."""
+    deadline = time.monotonic() + seconds
+    while len(list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
+        time.sleep(1.0)
+
+
 def rewrite_round_log(run_dir: Path, completed: int) -> None:
     """rounds.jsonl as one line per completed round, from the checkpoints (a killed run may have left
     a round half-written); a fresh run starts an empty log."""
@@ -243,6 +251,8 @@ def run_federation(grid: Grid, cfg: Mapping[str, object]) -> None:
         return None
 
     if total_rounds > done:
+        if done == 0:
+            wait_for_nodes(grid, int(number(cfg, "expect-nodes")), number(cfg, "round-timeout"))
         result = strategy.start(
             grid,
             to_record(arrays),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Annotated
+from typing import IO, Annotated
 
 import typer
 
@@ -59,12 +59,25 @@ def run_config(values: dict[str, bool | float | int | str]) -> str:
     return " ".join(f"{key}={_toml(value).replace(chr(34), chr(39))}" for key, value in values.items())
 
 
+def register_node(public_key: Path, env: dict[str, str], log: IO[str]) -> None:
+    """Admit one merchant's SuperNode key (`flwr supernode register`); a key already admitted is fine."""
+    command = ["flwr", "supernode", "register", str(public_key.resolve()), CONNECTION]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    log.write(result.stdout + result.stderr)
+    log.flush()
+    if result.returncode != 0 and "already" not in (result.stdout + result.stderr).lower():
+        raise FedanomError(f"the SuperLink refused the node key {public_key}; see {log.name}")
+
+
 def server(
     base: Annotated[
-        Path, typer.Option("--base", help="Backbone directory (the same path on every merchant).")
+        Path, typer.Option("--base", help="Backbone directory (sent, hash-checked, to merchants lacking it).")
     ],
     rounds: Annotated[int, typer.Option("--rounds")] = 3,
     min_clients: Annotated[int, typer.Option("--min-clients", help="Merchants needed to start a round.")] = 2,
+    expect_clients: Annotated[
+        int, typer.Option("--expect-clients", help="Merchants to wait for before round 1 (0: --min-clients).")
+    ] = 0,
     fraction: Annotated[
         float, typer.Option("--fraction", help="Share of merchants sampled each round.")
     ] = 1.0,
@@ -94,6 +107,12 @@ def server(
         Path | None, typer.Option("--certificates", help="Directory with ca.crt, server.pem, server.key.")
     ] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Allow plain text outside loopback.")] = False,
+    node_keys: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--node-key", help="A merchant's SuperNode public key (repeat); only these nodes may join (TLS)."
+        ),
+    ] = None,
 ) -> None:
     """Run a federation: a Flower SuperLink, rounds of merchants' DP adapters, a global detector."""
     backbone_hash(base)  # a clear error now rather than in every merchant later
@@ -101,6 +120,13 @@ def server(
         raise FedanomError(f"--aggregation must be one of {', '.join(AGGREGATORS)}")
     host, port = split_address(address)
     plain = check_transport(host, insecure=insecure, has_certificates=certificates is not None)
+    for key in node_keys or []:
+        if not key.is_file():
+            raise FedanomError(f"--node-key {key} does not exist")
+    if node_keys and plain:
+        raise FedanomError(
+            "--node-key needs TLS: give --certificates (Flower authenticates nodes over TLS only)"
+        )
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "app").mkdir(exist_ok=True)
@@ -139,9 +165,12 @@ def server(
             "--ssl-keyfile",
             str(certificates / "server.key"),
         ]
+    if node_keys:
+        link.append("--enable-supernode-auth")
     values: dict[str, bool | float | int | str] = {
         "num-server-rounds": rounds,
         "min-nodes": min_clients,
+        "expect-nodes": expect_clients,
         "fraction-train": fraction,
         "round-timeout": round_timeout,
         "aggregation": aggregation,
@@ -161,6 +190,8 @@ def server(
         superlink = subprocess.Popen(link, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             wait_for_port(connect_host, port, seconds=60, what="the SuperLink")
+            for key in node_keys or []:
+                register_node(key, env, log)
             typer.echo(f"SuperLink on {host}:{port}; waiting for {min_clients} merchants (fedanom client)")
             command = [
                 "flwr",

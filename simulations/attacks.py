@@ -32,7 +32,7 @@ def _scrape(
         {
             "item_id": picks.item_id.to_numpy(),
             "category_id": picks.category_id.to_numpy(),
-            "event_type": "pv",
+            "event_type": _browsing(shop),
             "offset_s": np.cumsum(gap(n)),
         }
     )
@@ -48,10 +48,16 @@ def _click_fraud(
         {
             "item_id": picks.item_id.to_numpy(),
             "category_id": picks.category_id.to_numpy(),
-            "event_type": "pv",
+            "event_type": _browsing(shop),
             "offset_s": np.cumsum(gap(n)),
         }
     )
+
+
+def _browsing(shop: pd.DataFrame) -> str:
+    """The shop's own most common event (a view, or a click where only clicks are logged): bots browse
+    the way the shop records browsing, so the event type alone does not give them away."""
+    return str(shop.event_type.mode().iloc[0])
 
 
 def _human_gaps(rng: np.random.Generator) -> Callable[[int], np.ndarray]:

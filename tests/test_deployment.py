@@ -1,6 +1,9 @@
-"""`fedanom server` and `fedanom client` as real processes on loopback: a Flower SuperLink, three
-SuperNodes, `flwr run`. The server is killed after round 1 and restarted with --resume; the clients
-reconnect by themselves and the run finishes round 2 with no completed round lost."""
+"""`fedanom server` and `fedanom client` as real processes on loopback: a Flower SuperLink, four
+SuperNodes, `flwr run`. Three merchants hold real samples from ../shared/data with injected bots; one
+of them has no backbone and is sent it. The fourth merchant is killed while it trains round 1, and the
+round completes with the others. The server is killed after round 1 and restarted with --resume; the
+clients reconnect by themselves and the run finishes round 2 with no completed round lost. Over TLS,
+only SuperNodes whose keys the operator registered may join."""
 
 from __future__ import annotations
 
@@ -14,12 +17,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from fedanom.client.detector import BehaviourDetector
-from fedanom.common.artifact import save_backbone
+from fedanom.client.training import TrainSettings
+from fedanom.common.artifact import backbone_hash, save_backbone
+from fedanom.common.flower import flower_environment
+from fedanom.common.ingest import ingest
+from fedanom.common.labels import read_labels
 from fedanom.common.model import BackboneConfig
+from fedanom.common.presets import resolve_preset
+from fedanom.common.windows import Windows
+from fedanom.server.pretrain import pretrain_backbone
 from fedanom.simulations.attacks import inject
+from fedanom.simulations.real import real_shop
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
 
 
@@ -55,13 +68,48 @@ def wait_for(predicate: Callable[[], bool], seconds: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+# Three merchants with real traffic from ../shared/data, each with labelled bot sessions injected, and
+# a fourth (synthetic, the largest) whose SuperNode is killed while it trains round 1.
+REAL_MERCHANTS = [
+    ("diginetica", "diginetica-sample/sample_train-item-views.csv.gz"),
+    ("rees46", "rees46-multicategory/2019-Oct_sample_ibrhmspl.csv.gz"),
+    ("yoochoose", "yoochoose-rsc15-100k/yoochoose-clicks-100k_test.tsv.gz"),
+]
+BOTS = {"scraping-crude": 12, "click-fraud-crude": 12}
+AUROC_FLOOR = 0.85  # every merchant's final global detector, on its own sessions with their injected bots
+VICTIM = 3
+
+
+def clientapps_of(process: subprocess.Popen[bytes]) -> list[int]:
+    """The ClientApp processes a `fedanom client` (its whole process group) is running right now."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            ours = proc.name.isdigit() and os.getpgid(int(proc.name)) == process.pid
+            if ours and b"clientapp" in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return found
+
+
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def deployment(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
     root = tmp_path_factory.mktemp("deployment")
-    save_backbone(BackboneConfig(d_model=32, n_layers=1, n_heads=2).build(), root / "base", {"test": True})
-    for i in range(3):
-        shop = generate_shop(ShopConfig(n_events=2_500, n_users=300, n_items=900), seed=90 + i)
-        write_taobao_csv(inject(shop, {"scraping-crude": 3}, seed=i), root / f"m{i}.csv")
+    public = generate_shop(ShopConfig(n_events=8_000, n_users=800, n_items=2_000), seed=50)
+    ingested = ingest(write_taobao_csv(public, root / "public.csv"), resolve_preset("taobao"))
+    windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
+    model, _ = pretrain_backbone(
+        windows, BackboneConfig(d_model=32, n_layers=1, n_heads=2), TrainSettings(dp=False, epochs=1)
+    )
+    save_backbone(model, root / "base", {"test": True})
+    for i, (preset, name) in enumerate(REAL_MERCHANTS):
+        events = inject(real_shop(shared_data / name, preset), BOTS, seed=i)
+        write_taobao_csv(events, root / f"m{i}.csv")
+        bots = events[events.attack != ""].user_id.unique()
+        pd.DataFrame({"user_id": bots, "label": 1}).to_csv(root / f"labels-{i}.csv", index=False)
+    victim = generate_shop(ShopConfig(n_events=60_000, n_users=6_000, n_items=5_000), seed=93)
+    write_taobao_csv(victim, root / f"m{VICTIM}.csv")
     address = f"127.0.0.1:{free_port()}"
     server_args = [
         "server",
@@ -76,31 +124,28 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--address",
         address,
         "--round-timeout",
-        "120",
+        "240",
     ]
-    server = start(*server_args, cwd=root, log=root / "server.log")
-    clients = [
-        start(
-            "client",
-            "--server",
-            address,
-            "--data",
-            f"m{i}.csv",
-            "-p",
-            "taobao",
-            "--base",
-            "base",
-            "--state-dir",
-            f"state-{i}",
-            "--port",
-            str(free_port()),
-            cwd=root,
-            log=root / f"client-{i}.log",
-        )
-        for i in range(3)
-    ]
+    server = start(*server_args, "--expect-clients", "4", cwd=root, log=root / "server.log")
+    clients = []
+    for i in range(4):
+        own = ["--base", "base"] if i > 0 else []  # merchant 0 has no backbone: the server ships it
+        labelled = ["--labels", f"labels-{i}.csv"] if i < len(REAL_MERCHANTS) else []
+        command = ["client", "--server", address, "--data", f"m{i}.csv", "-p", "taobao", *own, *labelled]
+        command += ["--state-dir", f"state-{i}", "--port", str(free_port())]
+        clients.append(start(*command, cwd=root, log=root / f"client-{i}.log"))
     try:
+        # the victim trains on the most data: it is still at it when merchant 0 has stored its update
+        wait_for(lambda: any((root / "state-0" / "replies").glob("round-1-*")), 300, "merchant 0's round 1")
+        assert clientapps_of(clients[VICTIM]) and not (root / f"state-{VICTIM}" / "replies").exists()
+        kill(clients[VICTIM])
         wait_for(lambda: (root / "run" / "round-1" / "adapter.npz").exists(), 300, "round 1")
+        env = flower_environment(FLWR_HOME=str(root / "run" / "flwr-home"))
+        listing = subprocess.run(["flwr", "ls", "--format", "json"], env=env, capture_output=True, text=True)
+        (root / "flwr-ls.json").write_text(listing.stdout)
+        run_id = str(json.loads(listing.stdout)["runs"][0]["run-id"])
+        shown = subprocess.run(["flwr", "log", run_id, "--show"], env=env, capture_output=True, text=True)
+        (root / "flwr-log.txt").write_text(shown.stdout + shown.stderr)
         kill(server)  # the operator's machine goes down after round 1
         restarted = start(*server_args, "--resume", cwd=root, log=root / "server.log")
         assert restarted.wait(timeout=400) == 0, (root / "server.log").read_text()[-3000:]
@@ -113,17 +158,31 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_resumed_run_finishes_without_losing_a_round(deployment: Path) -> None:
     log = [json.loads(line) for line in (deployment / "run" / "rounds.jsonl").read_text().splitlines()]
-    assert sorted({r["round"] for r in log}) == [1, 2]
+    assert [r["round"] for r in log] == [1, 2]
     for r in log:
-        assert len(r["accepted"]) == 3 and r["rejected"] == []
-    assert (deployment / "run" / "round-1" / "adapter.npz").exists()
-    assert (deployment / "run" / "round-2" / "adapter.npz").exists()
+        assert len(r["accepted"]) == 3 and r["rejected"] == [] and r["backbone_failed"] == []
+        assert (deployment / "run" / f"round-{r['round']}" / "adapter.npz").exists()
     assert (deployment / "run" / "global" / "adapter" / "adapter_model.safetensors").exists()
     assert "federation finished: 2 rounds" in (deployment / "server.log").read_text()
 
 
-def test_every_merchant_keeps_its_ledger_and_the_global_detector(deployment: Path) -> None:
-    for i in range(3):
+def test_a_merchant_killed_mid_round_leaves_the_round_to_the_others(deployment: Path) -> None:
+    first = json.loads((deployment / "run" / "round-1" / "metrics.json").read_text())
+    (failed,) = first["failed"]
+    assert str(failed["node"]) not in first["clients"] and len(first["clients"]) == 3
+    assert failed["reason"]
+
+
+def test_the_backbone_is_shipped_to_the_merchant_that_lacks_it(deployment: Path) -> None:
+    shipped = list((deployment / "state-0" / "backbones").iterdir())
+    assert [p.name for p in shipped] == [backbone_hash(deployment / "base")]
+    assert backbone_hash(shipped[0]) == shipped[0].name
+    for i in (1, 2):
+        assert not (deployment / f"state-{i}" / "backbones").exists()
+
+
+def test_every_merchant_ranks_its_injected_bots_above_its_normal_sessions(deployment: Path) -> None:
+    for i, (preset, _) in enumerate(REAL_MERCHANTS):
         ledger = json.loads((deployment / f"state-{i}" / "privacy.json").read_text())
         # round 2 was trained once: the resumed server got the stored update again, at no privacy cost
         sample_rate = ledger["history"][0][1]
@@ -131,6 +190,25 @@ def test_every_merchant_keeps_its_ledger_and_the_global_detector(deployment: Pat
         detector = BehaviourDetector.load(deployment / f"state-{i}" / "detector")
         assert detector.provenance["federated_round"] == 2
         assert 0 < detector.provenance["epsilon"] <= 8.0
+        ingested = ingest(deployment / f"m{i}.csv", resolve_preset("taobao"), popularity=detector.popularity)
+        windows = Windows.from_batches(ingested.batches(), detector.popularity, ingested.report)
+        known = read_labels(deployment / f"labels-{i}.csv", windows)
+        auroc = roc_auc_score(known, detector.decision_function(windows))
+        assert auroc >= AUROC_FLOOR, f"{preset}: AUROC {auroc:.3f}"
+
+
+def test_rounds_log_federated_evaluation_with_labelled_merchants_auroc(deployment: Path) -> None:
+    last = json.loads((deployment / "run" / "round-2" / "metrics.json").read_text())
+    clients = last["evaluate"]["clients"]
+    assert len(clients) == 3 and all(c["num-examples"] > 0 for c in clients.values())
+    assert all(0.0 <= c["val-auroc"] <= 1.0 for c in clients.values())
+    assert 0.0 <= last["evaluate"]["combined"]["val-auroc"] <= 1.0
+
+
+def test_the_operator_sees_the_run_with_flwr_ls_and_flwr_log(deployment: Path) -> None:
+    runs = json.loads((deployment / "flwr-ls.json").read_text())["runs"]
+    assert len(runs) == 1 and "running" in runs[0]["status"].lower()
+    assert "ROUND 1" in (deployment / "flwr-log.txt").read_text()
 
 
 def test_plain_text_outside_loopback_is_refused(tmp_path: Path) -> None:
@@ -151,10 +229,12 @@ def test_plain_text_outside_loopback_is_refused(tmp_path: Path) -> None:
     )
 
 
-def test_a_federation_over_tls_with_generated_certificates(tmp_path: Path) -> None:
+def test_over_tls_only_registered_supernodes_join(tmp_path: Path) -> None:
+    """Certificates and node keys from deploy/generate-certificates.sh; the operator registers node 1's
+    public key only. Node 2 keeps knocking and is never admitted, so the round runs with node 1 alone."""
     script = Path(__file__).resolve().parent.parent / "deploy" / "generate-certificates.sh"
     subprocess.run(
-        ["bash", str(script), str(tmp_path / "certs"), "--nodes", "1"], check=True, capture_output=True
+        ["bash", str(script), str(tmp_path / "certs"), "--nodes", "2"], check=True, capture_output=True
     )
     save_backbone(
         BackboneConfig(d_model=16, n_layers=1, n_heads=2).build(), tmp_path / "base", {"test": True}
@@ -163,44 +243,31 @@ def test_a_federation_over_tls_with_generated_certificates(tmp_path: Path) -> No
     write_taobao_csv(shop, tmp_path / "m.csv")
     address = f"127.0.0.1:{free_port()}"
     server = start(
-        "server",
-        "--base",
-        "base",
-        "--rounds",
-        "1",
-        "--min-clients",
-        "1",
-        "--run-dir",
-        "run",
-        "--address",
-        address,
-        "--certificates",
-        "certs",
+        *["server", "--base", "base", "--rounds", "1", "--min-clients", "1", "--run-dir", "run"],
+        *["--address", address, "--certificates", "certs", "--node-key", "certs/node-1.pub"],
+        *["--expect-clients", "2", "--round-timeout", "40"],  # waits 40 s for node 2, in vain
         cwd=tmp_path,
         log=tmp_path / "server.log",
     )
-    client = start(
-        "client",
-        "--server",
-        address,
-        "--data",
-        "m.csv",
-        "-p",
-        "taobao",
-        "--base",
-        "base",
-        "--root-certificates",
-        "certs/ca.crt",
-        "--port",
-        str(free_port()),
-        cwd=tmp_path,
-        log=tmp_path / "client.log",
-    )
+    clients = [
+        start(
+            *["client", "--server", address, "--data", "m.csv", "-p", "taobao", "--state-dir", f"s{k}"],
+            *["--root-certificates", "certs/ca.crt", "--auth-key", f"certs/node-{k}"],
+            *["--port", str(free_port())],
+            cwd=tmp_path,
+            log=tmp_path / f"client-{k}.log",
+        )
+        for k in (1, 2)
+    ]
     try:
         assert server.wait(timeout=300) == 0, (tmp_path / "server.log").read_text()[-3000:]
     finally:
         kill(server)
-        kill(client)
-    assert "Uvicorn running on https://" in (tmp_path / "run" / "superlink.log").read_text()
+        for client in clients:
+            kill(client)
+    link_log = (tmp_path / "run" / "superlink.log").read_text()
+    assert "Uvicorn running on https://" in link_log and "registered successfully" in link_log
     (round_one,) = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
     assert len(round_one["accepted"]) == 1
+    assert (tmp_path / "s1" / "detector").exists() and not (tmp_path / "s2" / "privacy.json").exists()
+    assert "has not admitted this node's key yet" in (tmp_path / "client-2.log").read_text()
