@@ -16,11 +16,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import click
 import pandas as pd
 import pytest
+import typer
+import yaml
 from sklearn.metrics import roc_auc_score
 
+from fedanom import cli as fedanom_cli
 from fedanom.client.detector import BehaviourDetector
 from fedanom.client.training import TrainSettings
 from fedanom.common.artifact import backbone_hash, save_backbone
@@ -271,3 +276,27 @@ def test_over_tls_only_registered_supernodes_join(tmp_path: Path) -> None:
     assert len(round_one["accepted"]) == 1
     assert (tmp_path / "s1" / "detector").exists() and not (tmp_path / "s2" / "privacy.json").exists()
     assert "has not admitted this node's key yet" in (tmp_path / "client-2.log").read_text()
+
+
+def test_the_compose_file_runs_valid_fedanom_commands_on_mounted_paths() -> None:
+    """No container engine here, so the compose file is checked for what breaks it silently: every
+    command parses with fedanom's own CLI, every path it names is mounted, and each merchant's node key
+    is one the server admits."""
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    services = yaml.safe_load((deploy / "compose.yaml").read_text())["services"]
+    cli = typer.main.get_command(fedanom_cli.app)
+    assert isinstance(cli, click.Group)
+    params: dict[str, dict[str, Any]] = {}
+    for name, service in services.items():
+        command = [str(part) for part in service["command"]]
+        subcommand = cli.get_command(click.Context(cli), command[0])
+        assert subcommand is not None, f"{name}: no fedanom command '{command[0]}'"
+        params[name] = subcommand.make_context(command[0], command[1:]).params
+        mounts = [volume.split(":")[1] for volume in service["volumes"]]
+        for part in command:
+            if part.startswith("/"):
+                assert any(part == m or part.startswith(m.rstrip("/") + "/") for m in mounts), (name, part)
+    admitted = {Path(str(key)).name for key in params["superlink"]["node_keys"]}
+    merchants = [name for name in services if name != "superlink"]
+    assert len(merchants) == 2
+    assert {Path(str(params[m]["auth_key"])).name + ".pub" for m in merchants} == admitted
