@@ -1,12 +1,15 @@
-"""Federation benchmarks: what one merchant sends per round, and a round's wall time in simulation.
+"""Federation benchmarks: what one merchant sends per round, and a round's wall time.
 
     python benchmarks/federation.py [--out bench-out]
 
 1. Bytes a merchant sends per round (the serialised ArrayRecord of its adapter update, as Flower ships
-   it) against the full backbone's weights, for FFA-LoRA (B only) and plain LoRA (A and B), at the
-   default model size and a larger one.
-2. Wall time of a round with 3 virtual merchants on Flower's Simulation Engine (Ray), split into
-   local training (the merchants' reports) and the rest (communication, aggregation, start-up).
+   it) against the full backbone's weights: FFA-LoRA (B only) and plain LoRA (A and B), at every linear
+   layer and at q/v only, rank 8 and 4, at the default model size and a larger one.
+2. Wall time of a round with 3 merchants, in the same run: on Flower's Simulation Engine (Ray), and as
+   real processes on loopback (`fedanom server`, 3 x `fedanom client`: SuperLink, SuperNodes, a fresh
+   ClientApp process per message). The real run is split into the merchants' own training time, the
+   rest of the training round trip (messages, ClientApp start-up, reading data), aggregation, and
+   federated evaluation, from the timings `rounds.jsonl` records.
 """
 
 from __future__ import annotations
@@ -14,6 +17,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -23,11 +31,20 @@ from flwr.simulation import run_simulation
 
 from fedanom.client.app import app as client_app
 from fedanom.common.artifact import save_backbone
+from fedanom.common.flower import free_port
 from fedanom.common.model import BackboneConfig, LoraSettings, attach_lora, trainable_state
 from fedanom.common.records import to_record
 from fedanom.server.app import build_app
 from fedanom.simulations.attacks import inject
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
+
+ADAPTERS = {
+    "FFA-LoRA r8, all linear": LoraSettings(),
+    "LoRA r8, all linear": LoraSettings(ffa=False),
+    "FFA-LoRA r4, all linear": LoraSettings(rank=4, alpha=8),
+    "FFA-LoRA r8, q/v": LoraSettings(targets=("q_proj", "v_proj")),
+    "FFA-LoRA r4, q/v": LoraSettings(rank=4, alpha=8, targets=("q_proj", "v_proj")),
+}
 
 
 def traffic() -> dict[str, dict[str, float]]:
@@ -37,10 +54,10 @@ def traffic() -> dict[str, dict[str, float]]:
         ("d=256 x4", BackboneConfig(d_model=256, n_layers=4)),
     ):
         backbone_bytes = sum(p.numel() * p.element_size() for p in config.build().parameters())
-        for ffa in (True, False):
-            update = trainable_state(attach_lora(config.build(), LoraSettings(ffa=ffa)))
+        for name, settings in ADAPTERS.items():
+            update = trainable_state(attach_lora(config.build(), settings))
             sent = to_record(update).count_bytes()
-            out[f"{label}, {'FFA-LoRA' if ffa else 'LoRA'}"] = {
+            out[f"{label}, {name}"] = {
                 "update_bytes": sent,
                 "backbone_bytes": backbone_bytes,
                 "share_of_backbone": sent / backbone_bytes,
@@ -48,22 +65,29 @@ def traffic() -> dict[str, dict[str, float]]:
     return out
 
 
-def round_time(workdir: Path, rounds: int = 3) -> dict[str, float]:
-    save_backbone(BackboneConfig().build(), workdir / "base", {"benchmark": True})
+def merchants(workdir: Path) -> list[str]:
+    """The backbone in workdir/base and three merchants of 20,000 events each."""
+    if not (workdir / "base").exists():
+        save_backbone(BackboneConfig().build(), workdir / "base", {"benchmark": True})
     files = []
     for i in range(3):
         shop = generate_shop(ShopConfig(n_events=20_000, n_users=2_000, n_items=5_000), seed=70 + i)
         files.append(
             str(write_taobao_csv(inject(shop, {"scraping-crude": 5}, seed=i), workdir / f"m{i}.csv"))
         )
+    return files
+
+
+def simulated_round_time(workdir: Path, rounds: int) -> dict[str, float]:
+    files = merchants(workdir)
     overrides: dict[str, bool | float | int | str] = {
         "num-server-rounds": rounds,
         "min-nodes": 3,
         "base": str(workdir / "base"),
         "sim-data": ";".join(files),
         "sim-preset": "taobao",
-        "sim-state-root": str(workdir / "state"),
-        "run-dir": str(workdir / "run"),
+        "sim-state-root": str(workdir / "sim-state"),
+        "run-dir": str(workdir / "sim-run"),
     }
     started = time.perf_counter()
     run_simulation(
@@ -73,26 +97,73 @@ def round_time(workdir: Path, rounds: int = 3) -> dict[str, float]:
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
     )
     total = time.perf_counter() - started
-    log = [json.loads(line) for line in (workdir / "run" / "rounds.jsonl").read_text().splitlines()]
+    return {"total_seconds": total, **round_split(workdir / "sim-run")}
+
+
+def deployed_round_time(workdir: Path, rounds: int) -> dict[str, float]:
+    files = merchants(workdir)
+    address = f"127.0.0.1:{free_port()}"
+    fedanom = [sys.executable, "-m", "fedanom"]
+    started = time.perf_counter()
+    with open(workdir / "deployed.log", "ab") as log:
+
+        def launch(*args: str) -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                [*fedanom, *args], cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+        server = launch(
+            *["server", "--base", "base", "--rounds", str(rounds), "--min-clients", "3"],
+            *["--expect-clients", "3", "--run-dir", "run", "--address", address],
+        )
+        clients = [
+            launch(
+                *["client", "--server", address, "--data", name, "-p", "taobao", "--base", "base"],
+                *["--state-dir", f"state-{i}", "--port", str(free_port())],
+            )
+            for i, name in enumerate(files)
+        ]
+        try:
+            if server.wait(timeout=1800) != 0:
+                raise RuntimeError(f"the deployed run failed; see {workdir / 'deployed.log'}")
+        finally:
+            for process in [server, *clients]:
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGKILL)
+    return {"total_seconds": time.perf_counter() - started, **round_split(workdir / "run")}
+
+
+def round_split(run_dir: Path) -> dict[str, float]:
+    """Mean seconds per round: between round ends, the training round trip, the slowest merchant's own
+    training, aggregation and the evaluation round trip (rounds after the first: no start-up)."""
+    log = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    later = log[1:] or log
     gaps = [b["time"] - a["time"] for a, b in itertools.pairwise(log)]
+    training = [max(c["train-seconds"] for c in r["clients"].values()) for r in later]
     return {
-        "rounds": rounds,
-        "total_seconds": total,
-        "seconds_between_round_ends": sum(gaps) / max(len(gaps), 1),
+        "rounds": len(log),
+        "seconds_between_round_ends": statistics.mean(gaps) if gaps else float("nan"),
+        "train_round_trip": statistics.mean(r["seconds"]["train_round_trip"] for r in later),
+        "slowest_merchant_training": statistics.mean(training),
+        "aggregation": statistics.mean(r["seconds"]["aggregation"] for r in later),
+        "evaluate_round_trip": statistics.mean(r["seconds"]["evaluate_round_trip"] for r in later),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, object] = {"traffic": traffic()}
     print(json.dumps(results["traffic"], indent=1), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        results["simulated_round"] = round_time(Path(tmp))
-    print(json.dumps(results["simulated_round"], indent=1))
+        results["simulated_round"] = simulated_round_time(Path(tmp), args.rounds)
+        print(json.dumps(results["simulated_round"], indent=1), flush=True)
+        results["deployed_round"] = deployed_round_time(Path(tmp), args.rounds)
+        print(json.dumps(results["deployed_round"], indent=1), flush=True)
     (args.out / "federation.json").write_text(json.dumps(results, indent=2))
 
 

@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from peft import PeftModel
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from fedanom.client.detector import DEFAULT_AGGREGATION, BehaviourDetector
 from fedanom.client.training import TrainSettings, train_model
@@ -186,14 +186,17 @@ def train(msg: Message, context: Context) -> Message:
         learning_rate=number(config, "learning-rate"),
         max_grad_norm=number(config, "max-grad-norm"),
         seed=this_round,
+        dp=config.get("dp", True) is True,
     )
     steps = math.ceil(
         settings.epochs * train_windows.n_windows / min(settings.batch_size, train_windows.n_windows)
     )
     rounds_left = int(number(config, "num-server-rounds")) - this_round + 1
-    ledger = PrivacyLedger.open(
-        merchant.state_dir, epsilon_budget=merchant.epsilon, delta=1.0 / train_windows.n_windows
-    )
+    ledger = None  # without DP (simulate's research comparison only) nothing is spent
+    if settings.dp:
+        ledger = PrivacyLedger.open(
+            merchant.state_dir, epsilon_budget=merchant.epsilon, delta=1.0 / train_windows.n_windows
+        )
     try:
         report = train_model(model, train_windows, settings, ledger=ledger, planned_steps=rounds_left * steps)
     except BudgetExhausted as exc:
@@ -202,6 +205,7 @@ def train(msg: Message, context: Context) -> Message:
         "num-examples": float(train_windows.n_windows),
         "train-loss": report.mean_loss,
         "epsilon": report.epsilon_spent or 0.0,
+        "train-seconds": report.seconds,
     }
     update = {name: t.numpy() for name, t in trainable_state(model).items()}
     kept.parent.mkdir(parents=True, exist_ok=True)
@@ -237,6 +241,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         normal = known == 0
         if 0 < known.sum() < len(known):
             values["val-auroc"] = float(roc_auc_score(known, scores))
+            values["val-auprc"] = float(average_precision_score(known, scores))
     detector.calibration = Calibration.from_scores(scores[normal], ALERT_RATE)  # known attacks left out
     detector.save(merchant.state_dir / "detector")
     return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)

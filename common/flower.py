@@ -60,6 +60,13 @@ def check_transport(host: str, *, insecure: bool, has_certificates: bool) -> boo
     return True
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now (for local SuperNodes, tests, benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def wait_for_port(host: str, port: int, *, seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

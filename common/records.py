@@ -40,13 +40,15 @@ RUN_DEFAULTS: dict[str, bool | float | int | str] = {
     "lora-rank": 8,
     "lora-alpha": 16,
     "lora-seed": 0,
+    "lora-targets": "",
+    "dp": True,
 }
 
 
 # What a merchant reports: the whole list. After training a round, all of TRAIN_METRICS; after evaluating
-# the global adapter, "num-examples" and "val-surprise", plus "val-auroc" when it holds labels.
-TRAIN_METRICS = ("num-examples", "train-loss", "epsilon")
-EVALUATE_METRICS = ("num-examples", "val-surprise", "val-auroc")
+# the global adapter, "num-examples" and "val-surprise", plus "val-auroc" / "val-auprc" when it holds labels.
+TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "train-seconds")
+EVALUATE_METRICS = ("num-examples", "val-surprise", "val-auroc", "val-auprc")
 HAS_BACKBONE = "has-backbone"  # a merchant's whole answer to the server's backbone query
 Metrics = dict[str, int | float | list[int] | list[float]]
 
@@ -74,9 +76,11 @@ def to_record(arrays: Mapping[str, np.ndarray | torch.Tensor]) -> ArrayRecord:
 
 
 def lora_settings(config: Mapping[str, object]) -> LoraSettings:
-    """The adapter settings a federation's run config names (`lora-rank`, `lora-alpha`, `lora-seed`)."""
+    """The adapter settings a federation's run config names (`lora-rank`, `lora-alpha`, `lora-seed`,
+    `lora-targets`: comma-separated linear layers, empty for all of them)."""
     return LoraSettings(
         rank=int(number(config, "lora-rank")),
         alpha=int(number(config, "lora-alpha")),
         seed=int(number(config, "lora-seed")),
+        targets=tuple(t.strip() for t in text(config, "lora-targets").split(",") if t.strip()),
     )

@@ -51,6 +51,8 @@ FORWARDED = (
     "lora-rank",
     "lora-alpha",
     "lora-seed",
+    "lora-targets",
+    "dp",
     "base",
     "epsilon",
     "sim-data",
@@ -79,14 +81,17 @@ class CheckedFedAvg(FedAvg):
         self.shipper = shipper
         self.current: Arrays = {}
         self.record: dict[str, Any] = {}  # the round in progress, logged once it is complete
+        self.clock: dict[str, float] = {}  # when this round's messages went out (time.monotonic)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current = to_numpy(arrays)
+        started = time.monotonic()
         messages = list(super().configure_train(server_round, arrays, config, grid))
         unshipped = self.shipper.ensure(grid, [m.metadata.dst_node_id for m in messages])
         self.record = {"round": self.round_offset + server_round, "backbone_failed": _reasons(unshipped)}
+        self.clock = {"backbone_check": time.monotonic() - started, "train_sent": time.monotonic()}
         return [m for m in messages if m.metadata.dst_node_id not in unshipped]
 
     def configure_evaluate(
@@ -94,11 +99,13 @@ class CheckedFedAvg(FedAvg):
     ) -> Iterable[Message]:
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         unshipped = self.shipper.ensure(grid, [m.metadata.dst_node_id for m in messages])
+        self.clock["evaluate_sent"] = time.monotonic()
         return [m for m in messages if m.metadata.dst_node_id not in unshipped]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrived = time.monotonic()
         updates, failed, per_client = [], [], {}
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -127,6 +134,11 @@ class CheckedFedAvg(FedAvg):
                 "failed": failed,
                 "clients": per_client,
                 "train": combined,
+                "seconds": {
+                    "backbone_check": self.clock["backbone_check"],
+                    "train_round_trip": arrived - self.clock["train_sent"],
+                    "aggregation": time.monotonic() - arrived,
+                },
             }
         )
         if merged is None:
@@ -135,6 +147,7 @@ class CheckedFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Every merchant's validation metrics, and their example-weighted means."""
+        self.record["seconds"]["evaluate_round_trip"] = time.monotonic() - self.clock["evaluate_sent"]
         per_client: dict[str, dict[str, float]] = {}
         failed = []
         for msg in replies:

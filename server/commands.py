@@ -94,6 +94,9 @@ def server(
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm")] = 1.0,
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 8,
     alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = 16,
+    lora_targets: Annotated[
+        str, typer.Option("--lora-targets", help="Comma-separated linear layers to adapt (default: all).")
+    ] = "",
     run_dir: Annotated[Path, typer.Option("--run-dir", help="Checkpoints, logs, the global adapter.")] = Path(
         "runs/fedanom"
     ),
@@ -184,6 +187,7 @@ def server(
         "max-grad-norm": max_grad_norm,
         "lora-rank": rank,
         "lora-alpha": alpha,
+        "lora-targets": lora_targets,
     }
     env = flower_environment(FLWR_HOME=str(home))
     with open(run_dir / "superlink.log", "a") as log:

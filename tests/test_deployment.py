@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from fedanom import cli as fedanom_cli
 from fedanom.client.detector import BehaviourDetector
 from fedanom.client.training import TrainSettings
 from fedanom.common.artifact import backbone_hash, save_backbone
-from fedanom.common.flower import flower_environment
+from fedanom.common.flower import flower_environment, free_port
 from fedanom.common.ingest import ingest
 from fedanom.common.labels import read_labels
 from fedanom.common.model import BackboneConfig
@@ -39,12 +38,6 @@ from fedanom.server.pretrain import pretrain_backbone
 from fedanom.simulations.attacks import inject
 from fedanom.simulations.real import real_shop
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start(*args: str, cwd: Path, log: Path) -> subprocess.Popen[bytes]:

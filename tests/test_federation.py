@@ -103,6 +103,8 @@ def test_every_round_averages_every_merchant(federation: Path) -> None:
     for r in log:
         assert len(r["accepted"]) == 3 and r["rejected"] == [] and r["failed"] == []
         assert r["backbone_failed"] == [] and r["train"]["num-examples"] > 0
+        # the server's round trip includes the slowest merchant's own training
+        assert r["seconds"]["train_round_trip"] >= max(c["train-seconds"] for c in r["clients"].values())
         # federated evaluation: every merchant scored its validation sessions with the new global adapter
         assert len(r["evaluate"]["clients"]) == 3 and r["evaluate"]["failed"] == []
         assert all(c["num-examples"] > 0 for c in r["evaluate"]["clients"].values())
