@@ -34,11 +34,10 @@ format: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-# Until `fedanom simulate` exists (issue #5) the demo checks a generated shop export.
+# The default simulation: synthetic merchants, attacks, federated + DP against the baselines, a report.
 demo: $(STAMP)
-	mkdir -p demo-out
-	$(PY) -m fedanom.simulations.shop demo-out/shop-events.csv --events 200000 --bad-rows 4
-	$(VENV)/bin/fedanom data check demo-out/shop-events.csv --preset taobao --quarantine demo-out/quarantine.csv
+	$(VENV)/bin/fedanom simulate --out demo-out
+	@echo "report: demo-out/report.md"
 
 bench: $(STAMP)
 	$(PY) benchmarks/ingest.py --events 1000000 5000000 10000000

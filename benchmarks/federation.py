@@ -7,7 +7,8 @@
    layer and at q/v only, rank 8 and 4, at the default model size and a larger one.
 2. Wall time of a round with 3 merchants, in the same run: on Flower's Simulation Engine (Ray), and as
    real processes on loopback (`fedanom server`, 3 x `fedanom client`: SuperLink, SuperNodes, a fresh
-   ClientApp process per message). The real run is split into the merchants' own training time, the
+   ClientApp process per message; `--threads 1` per merchant, since all share this machine's 2 cores).
+   The real run is split into the merchants' own training time, the
    rest of the training round trip (messages, ClientApp start-up, reading data), aggregation, and
    federated evaluation, from the timings `rounds.jsonl` records.
 """
@@ -119,7 +120,7 @@ def deployed_round_time(workdir: Path, rounds: int) -> dict[str, float]:
         clients = [
             launch(
                 *["client", "--server", address, "--data", name, "-p", "taobao", "--base", "base"],
-                *["--state-dir", f"state-{i}", "--port", str(free_port())],
+                *["--state-dir", f"state-{i}", "--port", str(free_port()), "--threads", "1"],
             )
             for i, name in enumerate(files)
         ]

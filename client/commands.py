@@ -212,6 +212,9 @@ def client(
         Path | None, typer.Option("--root-certificates", help="CA certificate of the operator's SuperLink.")
     ] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Allow plain text outside loopback.")] = False,
+    threads: Annotated[
+        int, typer.Option("--threads", help="CPU threads for training and scoring (0: PyTorch's default).")
+    ] = 0,
     give_up_after: Annotated[
         float, typer.Option("--give-up-after", help="Seconds to keep trying to join before giving up.")
     ] = 3600.0,
@@ -256,9 +259,12 @@ def client(
         " "
         f"privacy budget ε={epsilon:g}, spent so far {PrivacyLedger.spent_in(state_dir):.2f}"
     )
+    # The ClientApp processes the SuperNode starts inherit this; more threads than cores make DP-SGD's many
+    # small operations spin rather than compute.
+    environment = flower_environment(**({"OMP_NUM_THREADS": str(threads)} if threads > 0 else {}))
     deadline = time.monotonic() + give_up_after
     while True:
-        code = subprocess.run(command, env=flower_environment()).returncode
+        code = subprocess.run(command, env=environment).returncode
         if code in (0, -2, 130):  # finished, or the merchant pressed Ctrl-C
             return
         if time.monotonic() >= deadline:

@@ -25,6 +25,7 @@ from fedanom.common.tokens import VOCAB_VERSION
 from fedanom.options import DataSource, data_options, err, session_config
 from fedanom.server.commands import server
 from fedanom.server.pretrain import pretrain
+from fedanom.simulations.commands import simulate
 
 app = typer.Typer(
     name="fedanom",
@@ -40,6 +41,7 @@ app.command("train")(train)
 app.command("score")(score)
 app.command("client")(client)
 app.command("server")(server)
+app.command("simulate")(simulate)
 
 
 @data_app.command("check")
@@ -120,20 +122,6 @@ def _print_summary(s: DataSummary) -> None:
         out.print(f"quarantined rows written to {s.quarantine_file}")
     for note in s.notes:
         out.print(f"[yellow]note:[/yellow] {note}")
-
-
-def _not_built(command: str, issue: int) -> None:
-    @app.command(
-        command,
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-        help=f"(not built yet: issue #{issue})",
-    )
-    def _placeholder() -> None:
-        raise FedanomError(f"`fedanom {command}` is not built yet (tracked in issue #{issue})")
-
-
-for _command, _issue in (("simulate", 5),):
-    _not_built(_command, _issue)
 
 
 # Third-party notices that say nothing actionable to a merchant (each checked by hand).

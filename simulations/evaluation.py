@@ -7,6 +7,8 @@ adjustment: every test session counts once. Recall at 1% FPR reads the test ROC 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from sklearn.ensemble import IsolationForest
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
@@ -23,7 +25,7 @@ def validation_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def detection_metrics(
     labels: np.ndarray, scores: np.ndarray, kinds: np.ndarray, threshold: float
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """AUROC, AUPRC, recall at 1% FPR, F1 at the validation threshold, and recall per attack type."""
     labels = labels.astype(bool)
     flagged = scores >= threshold

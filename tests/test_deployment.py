@@ -130,7 +130,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> P
         own = ["--base", "base"] if i > 0 else []  # merchant 0 has no backbone: the server ships it
         labelled = ["--labels", f"labels-{i}.csv"] if i < len(REAL_MERCHANTS) else []
         command = ["client", "--server", address, "--data", f"m{i}.csv", "-p", "taobao", *own, *labelled]
-        command += ["--state-dir", f"state-{i}", "--port", str(free_port())]
+        command += ["--state-dir", f"state-{i}", "--port", str(free_port()), "--threads", "1"]
         clients.append(start(*command, cwd=root, log=root / f"client-{i}.log"))
     try:
         # the victim trains on the most data: it is still at it when merchant 0 has stored its update

@@ -1,0 +1,201 @@
+"""The methods a simulation compares, each scored on every merchant's own validation and test sessions.
+
+- `federated-dp`: the product. Flower's Simulation Engine runs the real ServerApp and ClientApp, one
+  virtual SuperNode per merchant, DP-SGD at each merchant's ε; each merchant's detector is the global one
+  it keeps in its state directory after the last round.
+- `federated`: the same federation without DP (an upper bound on what DP costs).
+- `local-only`: each merchant trains alone, with DP at the same ε, for as many epochs as the rounds.
+- `centralized`: all merchants' training sessions pooled on one machine, no DP (what privacy forbids).
+- `isolation-forest`, `ecod`: per merchant, on the session features (no sequence model).
+
+Every method sees the same sessions: the merchant's pre-cut events split 85/15 in time into training and
+validation (as the ClientApp splits them), and its post-cut test events.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.simulation import run_simulation
+
+from fedanom.client.app import Merchant, make_client_app
+from fedanom.client.detector import BehaviourDetector
+from fedanom.client.training import TrainSettings
+from fedanom.common.ingest import ingest
+from fedanom.common.model import LoraSettings
+from fedanom.common.presets import resolve_preset
+from fedanom.common.privacy import PrivacyLedger
+from fedanom.common.records import RUN_DEFAULTS
+from fedanom.common.tokens import Popularity
+from fedanom.common.windows import Windows
+from fedanom.server.app import build_app
+from fedanom.simulations.evaluation import (
+    detection_metrics,
+    ecod_scores,
+    isolation_forest_scores,
+    validation_threshold,
+)
+from fedanom.simulations.scenario import MerchantData
+
+METHODS = ("federated-dp", "federated", "local-only", "centralized", "isolation-forest", "ecod")
+
+
+@dataclass
+class Sessions:
+    """One merchant's sessions as every method sees them, with the truth about each."""
+
+    train: Windows
+    validation: Windows
+    test: Windows
+    popularity: Popularity
+    bots: dict[str, str]
+
+    def labels(self, part: Windows) -> np.ndarray:
+        return np.array([u in self.bots for u in part.user], dtype=bool)
+
+    def kinds(self, part: Windows) -> np.ndarray:
+        return np.array([self.bots.get(u, "") for u in part.user], dtype=object)
+
+
+@dataclass
+class Comparison:
+    """Per method, per merchant: validation and test scores (filled in method by method)."""
+
+    scores: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    rounds: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # federated runs' logs
+
+
+def load_sessions(merchant: MerchantData, workdir: Path) -> Sessions:
+    own = Merchant(merchant.fit_path, "taobao", workdir / "scratch", epsilon=0.0, base=None)
+    train, validation, popularity = own.windows()
+    ingested = ingest(merchant.test_path, resolve_preset("taobao"), popularity=popularity)
+    test = Windows.from_batches(ingested.batches(), popularity, ingested.report)
+    return Sessions(train, validation, test, popularity, merchant.bots)
+
+
+def run_all(
+    merchants: list[MerchantData],
+    sessions: list[Sessions],
+    base: Path,
+    workdir: Path,
+    *,
+    rounds: int,
+    epsilon: float,
+    seed: int,
+    on_method: Callable[[str], None] = lambda _: None,
+) -> Comparison:
+    result = Comparison()
+    for method in METHODS:
+        on_method(method)
+        if method.startswith("federated"):
+            dp = method == "federated-dp"
+            scores, log = federated(merchants, sessions, base, workdir / method, rounds, epsilon, dp, seed)
+            result.rounds[method] = log
+        elif method == "local-only":
+            scores = [local(s, base, rounds, epsilon, seed) for s in sessions]
+        elif method == "centralized":
+            scores = centralized(sessions, base, rounds, seed)
+        else:
+            baseline = isolation_forest_scores if method == "isolation-forest" else ecod_scores
+            scores = []
+            for s in sessions:
+                val, test = baseline(s.train.features, s.validation.features, s.test.features)
+                scores.append((val, test))
+        result.scores[method] = scores
+    return result
+
+
+def federated(
+    merchants: list[MerchantData],
+    sessions: list[Sessions],
+    base: Path,
+    run_dir: Path,
+    rounds: int,
+    epsilon: float,
+    dp: bool,
+    seed: int,
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[dict[str, Any]]]:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    labels = []
+    for i, s in enumerate(sessions):
+        path = run_dir / f"labels-{i}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("user_id,label\n" + "".join(f"{user},1\n" for user in s.bots))
+        labels.append(str(path))
+    config: dict[str, bool | float | int | str] = {
+        "num-server-rounds": rounds,
+        "min-nodes": len(merchants),
+        "base": str(base),
+        "sim-data": ";".join(str(m.fit_path) for m in merchants),
+        "sim-preset": "taobao",
+        "sim-labels": ";".join(labels),
+        "sim-state-root": str(run_dir / "state"),
+        "run-dir": str(run_dir),
+        "epsilon": epsilon,
+        "dp": dp,
+        "lora-seed": seed,
+        "round-timeout": 3600.0,
+    }
+    run_simulation(
+        server_app=build_app(config),
+        client_app=make_client_app(),
+        num_supernodes=len(merchants),
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    scores = []
+    for i, s in enumerate(sessions):
+        detector = BehaviourDetector.load(run_dir / "state" / f"merchant-{i}" / "detector")
+        scores.append((detector.decision_function(s.validation), detector.decision_function(s.test)))
+    log = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    return scores, log
+
+
+def _settings(rounds: int, dp: bool, seed: int) -> TrainSettings:
+    """What a federation's merchant does in `rounds` rounds, in one go."""
+    return TrainSettings(
+        epochs=rounds * float(RUN_DEFAULTS["local-epochs"]),
+        batch_size=int(RUN_DEFAULTS["batch-size"]),
+        learning_rate=float(RUN_DEFAULTS["learning-rate"]),
+        max_grad_norm=float(RUN_DEFAULTS["max-grad-norm"]),
+        dp=dp,
+        seed=seed,
+    )
+
+
+def local(s: Sessions, base: Path, rounds: int, epsilon: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    detector = BehaviourDetector.from_backbone(base, s.popularity, lora=LoraSettings(seed=seed))
+    fit = Windows.concat([s.train, s.validation])
+    ledger = PrivacyLedger(epsilon_budget=epsilon, delta=1.0 / s.train.n_windows)
+    detector.fit(fit, train=_settings(rounds, True, seed), ledger=ledger)
+    return detector.decision_function(s.validation), detector.decision_function(s.test)
+
+
+def centralized(
+    sessions: list[Sessions], base: Path, rounds: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    pooled = Windows.concat([s.train for s in sessions] + [s.validation for s in sessions])
+    detector = BehaviourDetector.from_backbone(base, sessions[0].popularity, lora=LoraSettings(seed=seed))
+    detector.fit(pooled, train=_settings(rounds, False, seed))
+    return [(detector.decision_function(s.validation), detector.decision_function(s.test)) for s in sessions]
+
+
+def metrics(sessions: list[Sessions], comparison: Comparison) -> dict[str, list[dict[str, Any]]]:
+    """Per method, per merchant: the test metrics at the threshold chosen on that merchant's validation."""
+    out = {}
+    for method, scores in comparison.scores.items():
+        out[method] = [
+            detection_metrics(
+                s.labels(s.test),
+                test,
+                s.kinds(s.test),
+                validation_threshold(s.labels(s.validation), val),
+            )
+            for s, (val, test) in zip(sessions, scores, strict=True)
+        ]
+    return out
