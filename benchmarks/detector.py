@@ -1,7 +1,7 @@
 """Detector benchmarks: scoring throughput, DP training cost, architecture and aggregation choice.
 
     python benchmarks/detector.py [--threads 2] [--device cpu|cuda] [--out bench-out]
-    python benchmarks/detector.py --dp-only | --batch-sweep [--device cuda]
+    python benchmarks/detector.py --dp-only | --batch-sweep | --lora-sweep [--device cuda]
 
 1. Scoring sessions/s on the real session-length mix of four shops in ../shared/data (or
    $FEDANOM_SHARED_DATA): a naive one-session-at-a-time loop vs length-bucketed batches; achieved FLOP/s
@@ -47,6 +47,16 @@ REAL = [
     ("yoochoose", "yoochoose-rsc15-100k/yoochoose-clicks-100k_train_full.tsv.gz"),
     ("diginetica", "diginetica-sample/sample_train-item-views.csv.gz"),
 ]
+
+
+# What a merchant could send each round: federation.py measures the bytes, --lora-sweep the quality.
+ADAPTERS = {
+    "FFA-LoRA r8, all linear": LoraSettings(),
+    "LoRA r8, all linear": LoraSettings(ffa=False),
+    "FFA-LoRA r4, all linear": LoraSettings(rank=4, alpha=8),
+    "FFA-LoRA r8, q/v": LoraSettings(targets=("q_proj", "v_proj")),
+    "FFA-LoRA r4, q/v": LoraSettings(rank=4, alpha=8, targets=("q_proj", "v_proj")),
+}
 
 
 def windows_of_file(path: Path, preset: str) -> Windows:
@@ -128,8 +138,9 @@ def train_step_seconds(
     dp: bool,
     batch_size: int = 64,
     grad_sample_mode: str = "hooks",
+    lora: LoraSettings | None = None,
 ) -> float:
-    model = attach_lora(base, LoraSettings())  # a fresh adapter on the frozen weights
+    model = attach_lora(base, lora or LoraSettings())  # a fresh adapter on the frozen weights
     ledger = PrivacyLedger(epsilon_budget=8.0, delta=1.0 / windows.n_windows) if dp else None
     settings = TrainSettings(epochs=1.0, dp=dp, batch_size=batch_size, grad_sample_mode=grad_sample_mode)
     report = train_model(model, windows, settings, ledger=ledger, device=device)
@@ -157,6 +168,28 @@ def batch_sweep(windows: Windows, devices: list[torch.device]) -> list[dict[str,
     return rows
 
 
+def lora_sweep(device: torch.device, workdir: Path, sample: Windows) -> dict[str, dict[str, object]]:
+    """Each adapter choice of benchmarks/federation.py (what a merchant sends): its detection quality
+    (Llama, ε = 8, mean aggregation) and its DP step cost over a plain step."""
+    out: dict[str, dict[str, object]] = {}
+    for name, settings in ADAPTERS.items():
+        if not settings.ffa:
+            continue  # FFA-LoRA is the federated default; plain LoRA's quality is in the main run
+        summary, _ = quality("llama", device, workdir, settings)
+        base = BackboneConfig().build(device=device)
+        steps = {
+            mode: train_step_seconds(base, sample, device, dp=mode == "dp", lora=settings)
+            for mode in ("plain", "dp")
+        }
+        out[name] = {
+            "test": summary["aggregations"]["mean"],  # type: ignore[index]
+            "epsilon": summary["epsilon"],
+            "dp_over_plain": steps["dp"] / steps["plain"],
+        }
+        print(name, json.dumps(out[name], default=float), flush=True)
+    return out
+
+
 def dp_child(arch: str, dp: bool, shared: Path) -> None:
     """One training mode in a fresh process: its step time and the memory training itself added."""
     real = Windows.concat([windows_of_file(shared / name, preset) for preset, name in REAL])
@@ -167,7 +200,9 @@ def dp_child(arch: str, dp: bool, shared: Path) -> None:
     print(json.dumps({"step_s": seconds, "rss_before_mb": before, "peak_mb": peak_rss_mb()}))
 
 
-def quality(arch: str, device: torch.device, workdir: Path) -> tuple[dict[str, object], PeftModel]:
+def quality(
+    arch: str, device: torch.device, workdir: Path, lora: LoraSettings | None = None
+) -> tuple[dict[str, object], PeftModel]:
     public = generate_shop(ShopConfig(n_events=60_000, n_users=6_000, n_items=20_000), seed=100)
     write_taobao_csv(public, workdir / "public.csv")
     shop = generate_shop(ShopConfig(n_events=30_000, n_users=3_000, n_items=8_000), seed=1)
@@ -186,7 +221,7 @@ def quality(arch: str, device: torch.device, workdir: Path) -> tuple[dict[str, o
     pretrain_s = time.perf_counter() - started
     windows = windows_of_file(workdir / "merchant.csv", "taobao")
     train, val, test = windows.chronological_split(0.6, 0.2, 0.2)
-    model = attach_lora(base, LoraSettings())
+    model = attach_lora(base, lora or LoraSettings())
     ledger = PrivacyLedger(epsilon_budget=8.0, delta=1.0 / train.n_windows)
     fit = train_model(model, train, TrainSettings(epochs=3), ledger=ledger, device=device)
     labels = {
@@ -242,6 +277,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--dp-only", action="store_true", help="only DP vs plain step time and memory")
     parser.add_argument("--batch-sweep", action="store_true", help="only training speed per batch size")
+    parser.add_argument("--lora-sweep", action="store_true", help="only quality and DP cost per adapter")
     parser.add_argument("--dp-child", nargs=2, metavar=("ARCH", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -279,6 +315,12 @@ def main() -> None:
         return
     real = Windows.concat([windows_of_file(shared / name, preset) for preset, name in REAL])
     sample = real.select(np.arange(min(20_000, real.n_windows)))
+    if args.lora_sweep:
+        results["lora_sweep"] = lora_sweep(device, args.out, sample)
+        (args.out / f"detector-lora-{device.type}.json").write_text(
+            json.dumps(results, indent=2, default=float)
+        )
+        return
     if args.batch_sweep:  # the CPU row is the same-run baseline for the device's
         results["batch_sweep"] = batch_sweep(sample, list(dict.fromkeys([torch.device("cpu"), device])))
         (args.out / f"detector-batches-{device.type}.json").write_text(json.dumps(results, indent=2))

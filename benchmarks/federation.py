@@ -28,24 +28,17 @@ import time
 import warnings
 from pathlib import Path
 
+from detector import ADAPTERS  # the adapter choices, whose quality detector.py --lora-sweep measures
 from flwr.simulation import run_simulation
 
 from fedanom.client.app import app as client_app
 from fedanom.common.artifact import save_backbone
 from fedanom.common.flower import free_port
-from fedanom.common.model import BackboneConfig, LoraSettings, attach_lora, trainable_state
+from fedanom.common.model import BackboneConfig, attach_lora, trainable_state
 from fedanom.common.records import to_record
 from fedanom.server.app import build_app
 from fedanom.simulations.attacks import inject
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
-
-ADAPTERS = {
-    "FFA-LoRA r8, all linear": LoraSettings(),
-    "LoRA r8, all linear": LoraSettings(ffa=False),
-    "FFA-LoRA r4, all linear": LoraSettings(rank=4, alpha=8),
-    "FFA-LoRA r8, q/v": LoraSettings(targets=("q_proj", "v_proj")),
-    "FFA-LoRA r4, q/v": LoraSettings(rank=4, alpha=8, targets=("q_proj", "v_proj")),
-}
 
 
 def traffic() -> dict[str, dict[str, float]]:
