@@ -97,7 +97,7 @@ def simulate(
         "epsilon": epsilon,
         "seed": seed,
         "backbone": str(base),
-        "merchants": [{"source": m.source, "events": m.events, "bots": len(m.bots)} for m in prepared],
+        "merchants": [{"name": m.name, "events": m.events, "bots": len(m.bots)} for m in prepared],
         "seconds": time.perf_counter() - started,
     }
     results = write_report(

@@ -78,12 +78,12 @@ def _markdown(results: dict[str, Any], names: list[str], sessions: list[Sessions
         "",
         "## Merchants",
         "",
-        "| merchant | source | events | train / validation / test sessions | bot sessions in test |",
-        "|---|---|---:|---:|---:|",
+        "| merchant | events | train / validation / test sessions | bot sessions in test |",
+        "|---|---:|---:|---:|",
     ]
     for name, s, info in zip(names, sessions, scenario["merchants"], strict=True):
         lines.append(
-            f"| {name} | {info['source']} | {info['events']:,} | {s.train.n_windows:,} / "
+            f"| {name} | {info['events']:,} | {s.train.n_windows:,} / "
             f"{s.validation.n_windows:,} / {s.test.n_windows:,} | {int(s.labels(s.test).sum())} |"
         )
     lines += [

@@ -41,7 +41,6 @@ class MerchantData:
     test_path: Path  # events from the cut on
     bots: dict[str, str]  # user id -> attack name, for every injected bot user
     events: int
-    source: str
 
 
 def synthetic_shops(n: int, scale: float, seed: int) -> list[tuple[str, pd.DataFrame]]:
@@ -111,7 +110,6 @@ def prepare(shops: list[tuple[str, pd.DataFrame]], out: Path, seed: int) -> list
                 test_path=write_taobao_csv(test, out / f"merchant-{i}-test.csv"),
                 bots=dict(zip(bots.user_id.astype(str), bots.attack, strict=True)),
                 events=len(events),
-                source=name,
             )
         )
     return merchants
