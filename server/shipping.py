@@ -28,7 +28,6 @@ class BackboneShipper:
         self.config = dict(config)  # the round config merchants need to know who they are (simulation)
         self.timeout = timeout
         self.holding: set[int] = set()
-        self.shipped: set[int] = set()
 
     def ensure(self, grid: Grid, nodes: Iterable[int]) -> dict[int, str]:
         """Make sure every node holds the backbone; returns {node: reason} for those that could not."""
@@ -40,7 +39,6 @@ class BackboneShipper:
         if lacking:
             after, ship_failed = self._ask(grid, lacking, files=backbone_files(self.base))
             failed.update(ship_failed)
-            self.shipped.update(node for node, has in after.items() if has)
             answers.update(after)
         self.holding.update(node for node, has in answers.items() if has)
         for node in asked:
