@@ -7,6 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from fedanom.client.training import TrainSettings
+from fedanom.common.artifact import save_backbone
+from fedanom.common.ingest import ingest
+from fedanom.common.model import BackboneConfig
+from fedanom.common.presets import resolve_preset
+from fedanom.common.windows import Windows
+from fedanom.server.pretrain import pretrain_backbone
+from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -20,3 +29,17 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"real samples not found at {path} (set FEDANOM_SHARED_DATA)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny backbone pretrained on a synthetic public shop, shared by the federation tests (copy it)."""
+    root = tmp_path_factory.mktemp("tiny-backbone")
+    public = generate_shop(ShopConfig(n_events=8_000, n_users=800, n_items=2_000), seed=50)
+    ingested = ingest(write_taobao_csv(public, root / "public.csv"), resolve_preset("taobao"))
+    windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
+    model, _ = pretrain_backbone(
+        windows, BackboneConfig(d_model=32, n_layers=1, n_heads=2), TrainSettings(dp=False, epochs=1)
+    )
+    save_backbone(model, root / "base", {"test": True})
+    return root / "base"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,6 @@ from sklearn.metrics import roc_auc_score
 
 from fedanom import cli as fedanom_cli
 from fedanom.client.detector import BehaviourDetector
-from fedanom.client.training import TrainSettings
 from fedanom.common.artifact import backbone_hash, save_backbone
 from fedanom.common.flower import flower_environment, free_port
 from fedanom.common.ingest import ingest
@@ -34,7 +34,6 @@ from fedanom.common.labels import read_labels
 from fedanom.common.model import BackboneConfig
 from fedanom.common.presets import resolve_preset
 from fedanom.common.windows import Windows
-from fedanom.server.pretrain import pretrain_backbone
 from fedanom.simulations.attacks import inject
 from fedanom.simulations.real import real_shop
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
@@ -92,15 +91,9 @@ def clientapps_of(process: subprocess.Popen[bytes]) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+def deployment(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, tiny_backbone: Path) -> Path:
     root = tmp_path_factory.mktemp("deployment")
-    public = generate_shop(ShopConfig(n_events=8_000, n_users=800, n_items=2_000), seed=50)
-    ingested = ingest(write_taobao_csv(public, root / "public.csv"), resolve_preset("taobao"))
-    windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
-    model, _ = pretrain_backbone(
-        windows, BackboneConfig(d_model=32, n_layers=1, n_heads=2), TrainSettings(dp=False, epochs=1)
-    )
-    save_backbone(model, root / "base", {"test": True})
+    shutil.copytree(tiny_backbone, root / "base")
     for i, (preset, name) in enumerate(REAL_MERCHANTS):
         events = inject(real_shop(shared_data / name, preset), BOTS, seed=i)
         write_taobao_csv(events, root / f"m{i}.csv")

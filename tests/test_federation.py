@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,15 +25,11 @@ from transformers import AutoModelForCausalLM
 
 from fedanom.client import app as merchant_app
 from fedanom.client.detector import BehaviourDetector
-from fedanom.client.training import TrainSettings
-from fedanom.common.artifact import save_backbone
 from fedanom.common.ingest import ingest
-from fedanom.common.model import BackboneConfig
 from fedanom.common.presets import resolve_preset
 from fedanom.common.records import HAS_BACKBONE, RUN_DEFAULTS, to_numpy, to_record
 from fedanom.common.windows import Windows
 from fedanom.server.app import build_app
-from fedanom.server.pretrain import pretrain_backbone
 from fedanom.simulations.attacks import inject
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
 
@@ -54,15 +51,9 @@ def record_outgoing(msg: Message, context: Context, call_next: ClientAppCallable
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def federation(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> Path:
     root = tmp_path_factory.mktemp("federation")
-    public = generate_shop(ShopConfig(n_events=8_000, n_users=800, n_items=2_000), seed=50)
-    ingested = ingest(write_taobao_csv(public, root / "public.csv"), resolve_preset("taobao"))
-    windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
-    model, _ = pretrain_backbone(
-        windows, BackboneConfig(d_model=32, n_layers=1, n_heads=2), TrainSettings(dp=False, epochs=1)
-    )
-    save_backbone(model, root / "base", {"test": True})
+    shutil.copytree(tiny_backbone, root / "base")
     files = []
     for i in range(3):
         shop = generate_shop(ShopConfig(n_events=2_500 + 1_000 * i, n_users=300, n_items=900), seed=60 + i)
