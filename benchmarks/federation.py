@@ -1,6 +1,7 @@
 """Federation benchmarks: what one merchant sends per round, and a round's wall time.
 
     python benchmarks/federation.py [--out bench-out]
+    python benchmarks/federation.py --scale 10,50,100 [--out bench-out]
 
 1. Bytes a merchant sends per round (the serialised ArrayRecord of its adapter update, as Flower ships
    it) against the full backbone's weights: FFA-LoRA (B only) and plain LoRA (A and B), at every linear
@@ -11,6 +12,10 @@
    The real run is split into the merchants' own training time, the
    rest of the training round trip (messages, ClientApp start-up, reading data), aggregation, and
    federated evaluation, from the timings `rounds.jsonl` records.
+3. `--scale`: rounds per hour on the Simulation Engine with 10, 50, 100 virtual merchants of 2,000
+   events each (the default model, 2 rounds), and memory: the peak resident memory of the whole
+   process tree (driver, Ray, its workers) and of the largest Ray worker, sampled every 0.2 s, plus the
+   state each virtual merchant keeps on disk. The 3-merchant round of (2) is its baseline.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
 
+import psutil
 from detector import ADAPTERS  # the adapter choices, whose quality detector.py --lora-sweep measures
 from flwr.simulation import run_simulation
 
@@ -59,39 +66,87 @@ def traffic() -> dict[str, dict[str, float]]:
     return out
 
 
-def merchants(workdir: Path) -> list[str]:
-    """The backbone in workdir/base and three merchants of 20,000 events each."""
+def merchants(workdir: Path, n: int = 3, events: int = 20_000) -> list[str]:
+    """The backbone in workdir/base and n merchants of `events` events each."""
     if not (workdir / "base").exists():
         save_backbone(BackboneConfig().build(), workdir / "base", {"benchmark": True})
     files = []
-    for i in range(3):
-        shop = generate_shop(ShopConfig(n_events=20_000, n_users=2_000, n_items=5_000), seed=70 + i)
+    for i in range(n):
+        config = ShopConfig(n_events=events, n_users=events // 10, n_items=events // 4)
+        shop = generate_shop(config, seed=70 + i)
         files.append(
             str(write_taobao_csv(inject(shop, {"scraping-crude": 5}, seed=i), workdir / f"m{i}.csv"))
         )
     return files
 
 
-def simulated_round_time(workdir: Path, rounds: int) -> dict[str, float]:
-    files = merchants(workdir)
+def simulated_round_time(workdir: Path, rounds: int, n: int = 3, events: int = 20_000) -> dict[str, float]:
+    files = merchants(workdir, n, events)
     overrides: dict[str, bool | float | int | str] = {
         "num-server-rounds": rounds,
-        "min-nodes": 3,
+        "min-nodes": n,
         "base": str(workdir / "base"),
         "sim-data": ";".join(files),
         "sim-preset": "taobao",
         "sim-state-root": str(workdir / "sim-state"),
         "run-dir": str(workdir / "sim-run"),
+        "round-timeout": 7200.0,
     }
+    memory = MemorySampler()
     started = time.perf_counter()
-    run_simulation(
-        server_app=build_app(overrides),
-        client_app=client_app,
-        num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
-    )
+    with memory:
+        run_simulation(
+            server_app=build_app(overrides),
+            client_app=client_app,
+            num_supernodes=n,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": 2},
+            },
+        )
     total = time.perf_counter() - started
-    return {"total_seconds": total, **round_split(workdir / "sim-run")}
+    state = sum(f.stat().st_size for f in (workdir / "sim-state").rglob("*") if f.is_file())
+    split = round_split(workdir / "sim-run")
+    return {
+        "merchants": n,
+        "total_seconds": total,
+        "rounds_per_hour": 3600 / split["seconds_between_round_ends"],
+        **split,
+        **memory.peaks(),
+        "state_bytes_per_merchant": state / n,
+    }
+
+
+class MemorySampler:
+    """Peak resident memory of this process and all its descendants (Ray's workers included)."""
+
+    def __init__(self, every_s: float = 0.2) -> None:
+        self.every_s, self.total, self.worker = every_s, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> None:
+        self._thread.start()
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.wait(self.every_s):
+            sizes = {}
+            for process in [me, *me.children(recursive=True)]:
+                try:
+                    sizes[process.pid] = (process.memory_info().rss, " ".join(process.cmdline()))
+                except psutil.Error:
+                    continue
+            self.total = max(self.total, sum(rss for rss, _ in sizes.values()))
+            workers = [rss for rss, command in sizes.values() if "default_worker.py" in command]
+            self.worker = max([self.worker, *workers])
+
+    def peaks(self) -> dict[str, float]:
+        return {"peak_rss_total_mib": self.total / 2**20, "peak_rss_one_worker_mib": self.worker / 2**20}
 
 
 def deployed_round_time(workdir: Path, rounds: int) -> dict[str, float]:
@@ -148,9 +203,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--scale", help="comma-separated merchant counts: rounds/hour and memory only")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.scale:
+        runs = []
+        for n in [3, *map(int, args.scale.split(","))]:
+            with tempfile.TemporaryDirectory() as tmp:
+                runs.append(simulated_round_time(Path(tmp), 2, n, 2_000))
+            print(json.dumps(runs[-1], indent=1), flush=True)
+        (args.out / "scale.json").write_text(json.dumps(runs, indent=2))
+        return
     results: dict[str, object] = {"traffic": traffic()}
     print(json.dumps(results["traffic"], indent=1), flush=True)
     with tempfile.TemporaryDirectory() as tmp:

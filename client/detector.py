@@ -119,20 +119,7 @@ class BehaviourDetector:
         report = train_model(
             self.model, fit_part, train, labels=fit_labels, ledger=ledger, device=self.device
         )
-        val_labels = _labels_for(val_part, windows, labels)
-        surprise = event_surprise(self.model, val_part, device=self.device)
-        self.aggregation = self._choose_aggregation(surprise, val_part, val_labels)
-        normal = ~val_labels.astype(bool) if val_labels is not None else np.ones(val_part.n_windows, bool)
-        if surprise.head is not None:
-            own = aggregate(surprise, val_part, self.aggregation)[normal]
-            head = surprise.head[normal]
-            self.score_mix = {
-                "self_mean": float(own.mean()),
-                "self_std": float(own.std() or 1.0),
-                "head_mean": float(head.mean()),
-                "head_std": float(head.std() or 1.0),
-            }
-        self.calibration = Calibration.from_scores(self.combine(surprise, val_part)[normal], alert_rate)
+        self.calibrate(val_part, _labels_for(val_part, windows, labels), alert_rate)
         self.provenance.update(
             {
                 "trained": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -146,6 +133,24 @@ class BehaviourDetector:
             }
         )
         return report
+
+    def calibrate(self, validation: Windows, labels: np.ndarray | None, alert_rate: float = 0.01) -> None:
+        """Choose the score aggregation (by AUPRC, where labels show attacks) and the threshold at
+        `alert_rate` of the normal validation sessions. `fit` ends with it; the simulation's untrained
+        baseline calls it alone."""
+        surprise = event_surprise(self.model, validation, device=self.device)
+        self.aggregation = self._choose_aggregation(surprise, validation, labels)
+        normal = ~labels.astype(bool) if labels is not None else np.ones(validation.n_windows, bool)
+        if surprise.head is not None:
+            own = aggregate(surprise, validation, self.aggregation)[normal]
+            head = surprise.head[normal]
+            self.score_mix = {
+                "self_mean": float(own.mean()),
+                "self_std": float(own.std() or 1.0),
+                "head_mean": float(head.mean()),
+                "head_std": float(head.std() or 1.0),
+            }
+        self.calibration = Calibration.from_scores(self.combine(surprise, validation)[normal], alert_rate)
 
     def decision_function(self, windows: Windows) -> np.ndarray:
         """Anomaly score per window (higher = more anomalous)."""

@@ -25,9 +25,10 @@ from fedanom.common.presets import PRESETS, resolve_preset
 from fedanom.common.windows import Windows
 from fedanom.options import err
 from fedanom.server.pretrain import pretrain_backbone
+from fedanom.simulations.calibration import behaviour_stats
 from fedanom.simulations.compare import load_sessions, metrics, run_all
 from fedanom.simulations.report import write_report
-from fedanom.simulations.scenario import partition, prepare, real_shops, synthetic_shops
+from fedanom.simulations.scenario import partition, prepare, real_shops, shop_sizes, synthetic_shops
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
 
 DEFAULT = BackboneConfig()
@@ -42,6 +43,10 @@ def simulate(
     scale: Annotated[
         float, typer.Option("--scale", help="Synthetic merchants' size (1: 24k events at most).")
     ] = 1.0,
+    sizes: Annotated[
+        str | None,
+        typer.Option("--sizes", help="Synthetic merchants' events, comma-separated (sets --merchants)."),
+    ] = None,
     data: Annotated[
         list[str] | None, typer.Option("--data", help="FILE:PRESET, one merchant each (repeat).")
     ] = None,
@@ -57,7 +62,8 @@ def simulate(
     json_out: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
 ) -> None:
     """Simulate a federation and compare it with local, centralized and feature baselines."""
-    if merchants < 2:
+    shop_events = _parse_sizes(sizes) if sizes else shop_sizes(merchants, scale)
+    if len(shop_events) < 2:
         raise FedanomError("--merchants must be at least 2 (a federation of one is local training)")
     sources = [_parse_data(spec) for spec in data or []]
     if partition_spec and len(sources) != 1:
@@ -68,7 +74,7 @@ def simulate(
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as bar:
         task = bar.add_task("preparing merchants", total=None)
         if not sources:
-            shops = synthetic_shops(merchants, scale, seed)
+            shops = synthetic_shops(shop_events, seed)
         elif partition_spec:
             ((name, frame),) = real_shops(sources)
             shops = [
@@ -77,6 +83,7 @@ def simulate(
             ]
         else:
             shops = real_shops(sources)
+        calibration = {name: behaviour_stats(frame) for name, frame in shops}
         prepared = prepare(shops, work / "merchants", seed)
         bar.update(task, description="pretraining the backbone")
         base = base or _pretrain(work, BackboneConfig(d_model=d_model, n_layers=layers), seed)
@@ -98,6 +105,7 @@ def simulate(
         "seed": seed,
         "backbone": str(base),
         "merchants": [{"name": m.name, "events": m.events, "bots": len(m.bots)} for m in prepared],
+        "calibration": calibration,
         "seconds": time.perf_counter() - started,
     }
     results = write_report(
@@ -111,6 +119,16 @@ def simulate(
         + ", ".join(f"{m} {v['mean']['auprc']:.3f}" for m, v in results["methods"].items())
         + f" (best: {best})"
     )
+
+
+def _parse_sizes(spec: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in spec.split(",")]
+    except ValueError:
+        raise FedanomError(f"--sizes {spec}: write whole numbers of events, e.g. 24000,12000,1000") from None
+    if any(size < 200 for size in sizes):
+        raise FedanomError(f"--sizes {spec}: a merchant needs at least 200 events")
+    return sizes
 
 
 def _parse_data(spec: str) -> tuple[Path, str]:
@@ -134,6 +152,7 @@ PUBLIC_SHOP = ShopConfig(
     p_fav=0.01,
     p_cart=0.03,
     zipf_a=1.3,
+    p_login=0.05,
 )
 
 

