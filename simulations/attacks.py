@@ -35,11 +35,11 @@ class ShopView:
     """What a bot sees of a shop: its catalogue, its popular items, the event types it logs."""
 
     def __init__(self, rng: np.random.Generator, frame: pd.DataFrame) -> None:
-        self.rng, self.frame = rng, frame
-        self.catalogue = frame[["item_id", "category_id"]].drop_duplicates("item_id")
         logged = frame.event_type.astype(str).str.lower().map(lambda e: STANDARD_ALIASES.get(e, e))
         self.logged = set(logged)
-        self.browsing = str(frame.event_type.mode().iloc[0])
+        self.rng, self.frame = rng, frame[(logged != "login").to_numpy()]  # items, not the login page
+        self.catalogue = self.frame[["item_id", "category_id"]].drop_duplicates("item_id")
+        self.browsing = str(self.frame.event_type.mode().iloc[0])
         self.purchase = "purchase" if "purchase" in self.logged else self.browsing
 
     def popular(self, n: int) -> pd.DataFrame:

@@ -44,6 +44,7 @@ def test_every_attack_is_labelled_and_spread_over_the_shop(shared_data: Path) ->
     assert bots.timestamp.min() >= shop.timestamp.min() and bots.timestamp.max() > np.median(shop.timestamp)
     crude_logins = bots[bots.attack == "account-takeover-crude"].event_type.eq("login").sum()
     assert crude_logins >= 3 * 10  # a burst of logins where the shop logs logins
+    assert not ((bots.item_id == 0) & (bots.event_type != "login")).any()  # nobody carts the login page
 
 
 def test_attacks_use_only_what_the_shop_logs(shared_data: Path) -> None:
