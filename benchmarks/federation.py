@@ -118,7 +118,8 @@ def simulated_round_time(workdir: Path, rounds: int, n: int = 3, events: int = 2
 
 
 class MemorySampler:
-    """Peak resident memory of this process and all its descendants (Ray's workers included)."""
+    """Peak resident memory of this process and all its descendants (Ray's workers included), and of
+    the largest ClientApp actor (a Ray worker that runs virtual merchants one after another)."""
 
     def __init__(self, every_s: float = 0.2) -> None:
         self.every_s, self.total, self.worker = every_s, 0, 0
@@ -142,7 +143,7 @@ class MemorySampler:
                 except psutil.Error:
                     continue
             self.total = max(self.total, sum(rss for rss, _ in sizes.values()))
-            workers = [rss for rss, command in sizes.values() if "default_worker.py" in command]
+            workers = [rss for rss, command in sizes.values() if command.startswith("ray::ClientAppActor")]
             self.worker = max([self.worker, *workers])
 
     def peaks(self) -> dict[str, float]:

@@ -30,7 +30,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from fedanom.client.detector import DEFAULT_AGGREGATION, BehaviourDetector
 from fedanom.client.training import TrainSettings, train_model
-from fedanom.common.artifact import Calibration, backbone_hash, install_backbone, load_backbone
+from fedanom.common.artifact import backbone_hash, install_backbone, load_backbone
 from fedanom.common.errors import FedanomError
 from fedanom.common.ingest import ingest
 from fedanom.common.labels import read_labels
@@ -48,7 +48,6 @@ from fedanom.common.records import (
     to_numpy,
     to_record,
 )
-from fedanom.common.scoring import aggregate
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.tokens import Popularity
 from fedanom.common.windows import Windows
@@ -232,17 +231,14 @@ def evaluate(msg: Message, context: Context) -> Message:
             "epsilon": PrivacyLedger.spent_in(merchant.state_dir),
         },
     )
-    surprise = detector.surprise(validation)
-    scores = aggregate(surprise, validation, detector.aggregation)
+    # known attacks choose the score aggregation and are left out of the threshold, as in `fedanom train`
+    known = read_labels(merchant.labels, validation) if merchant.labels is not None else None
+    surprise = detector.calibrate(validation, known, ALERT_RATE)
     values: Metrics = {"num-examples": validation.n_windows, "val-surprise": float(np.mean(surprise.event))}
-    normal = np.ones(validation.n_windows, dtype=bool)
-    if merchant.labels is not None:
-        known = read_labels(merchant.labels, validation)
-        normal = known == 0
-        if 0 < known.sum() < len(known):
-            values["val-auroc"] = float(roc_auc_score(known, scores))
-            values["val-auprc"] = float(average_precision_score(known, scores))
-    detector.calibration = Calibration.from_scores(scores[normal], ALERT_RATE)  # known attacks left out
+    if known is not None and 0 < known.sum() < len(known):
+        scores = detector.combine(surprise, validation)
+        values["val-auroc"] = float(roc_auc_score(known, scores))
+        values["val-auprc"] = float(average_precision_score(known, scores))
     detector.save(merchant.state_dir / "detector")
     return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
 

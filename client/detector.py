@@ -134,10 +134,11 @@ class BehaviourDetector:
         )
         return report
 
-    def calibrate(self, validation: Windows, labels: np.ndarray | None, alert_rate: float = 0.01) -> None:
+    def calibrate(self, validation: Windows, labels: np.ndarray | None, alert_rate: float = 0.01) -> Surprise:
         """Choose the score aggregation (by AUPRC, where labels show attacks) and the threshold at
-        `alert_rate` of the normal validation sessions. `fit` ends with it; the simulation's untrained
-        baseline calls it alone."""
+        `alert_rate` of the normal validation sessions; returns the validation surprise it read. `fit`
+        ends with it, a federated merchant calls it on the global adapter, and so does the simulation's
+        untrained baseline."""
         surprise = event_surprise(self.model, validation, device=self.device)
         self.aggregation = self._choose_aggregation(surprise, validation, labels)
         normal = ~labels.astype(bool) if labels is not None else np.ones(validation.n_windows, bool)
@@ -151,6 +152,7 @@ class BehaviourDetector:
                 "head_std": float(head.std() or 1.0),
             }
         self.calibration = Calibration.from_scores(self.combine(surprise, validation)[normal], alert_rate)
+        return surprise
 
     def decision_function(self, windows: Windows) -> np.ndarray:
         """Anomaly score per window (higher = more anomalous)."""
