@@ -9,7 +9,8 @@ Merchants come from the synthetic shop generator (different sizes and catalogues
 - `quantity:ALPHA`: merchant sizes drawn from Dirichlet(ALPHA), users assigned at those rates.
 
 Users are never split across merchants. Every merchant then gets labelled bot sessions of every attack
-type, in proportion to its traffic, and is cut in time: events before the cut (train + validation, what
+type, in proportion to its traffic but at least MIN_BOTS of each (bots do not spare small shops), and
+is cut in time: events before the cut (train + validation, what
 the merchant trains on) and from the cut on (its test set).
 """
 
