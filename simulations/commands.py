@@ -28,7 +28,14 @@ from fedanom.server.pretrain import pretrain_backbone
 from fedanom.simulations.calibration import behaviour_stats
 from fedanom.simulations.compare import load_sessions, metrics, run_all
 from fedanom.simulations.report import write_report
-from fedanom.simulations.scenario import partition, prepare, real_shops, shop_sizes, synthetic_shops
+from fedanom.simulations.scenario import (
+    TEST_SHARE,
+    partition,
+    prepare,
+    real_shops,
+    shop_sizes,
+    synthetic_shops,
+)
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
 
 DEFAULT = BackboneConfig()
@@ -54,6 +61,12 @@ def simulate(
         str | None,
         typer.Option("--partition", help="Split one --data file: natural:COLUMN, dirichlet:A, quantity:A."),
     ] = None,
+    test_share: Annotated[
+        float,
+        typer.Option(
+            "--test-share", help="Each merchant's latest share of events kept for testing (short history)."
+        ),
+    ] = TEST_SHARE,
     base: Annotated[
         Path | None, typer.Option("--base", help="Use this backbone instead of pretraining.")
     ] = None,
@@ -62,6 +75,8 @@ def simulate(
     json_out: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
 ) -> None:
     """Simulate a federation and compare it with local, centralized and feature baselines."""
+    if not 0.05 <= test_share <= 0.95:
+        raise FedanomError(f"--test-share {test_share:g}: keep between 0.05 and 0.95 of events for testing")
     shop_events = _parse_sizes(sizes) if sizes else shop_sizes(merchants, scale)
     if len(shop_events) < 2:
         raise FedanomError("--merchants must be at least 2 (a federation of one is local training)")
@@ -84,7 +99,7 @@ def simulate(
         else:
             shops = real_shops(sources)
         calibration = {name: behaviour_stats(frame) for name, frame in shops}
-        prepared = prepare(shops, work / "merchants", seed)
+        prepared = prepare(shops, work / "merchants", seed, test_share)
         bar.update(task, description="pretraining the backbone")
         base = base or _pretrain(work, BackboneConfig(d_model=d_model, n_layers=layers), seed)
         bar.update(task, description="reading sessions")
@@ -101,6 +116,7 @@ def simulate(
         )
     scenario = {
         "rounds": rounds,
+        "test_share": test_share,
         "epsilon": epsilon,
         "seed": seed,
         "backbone": str(base),

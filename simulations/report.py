@@ -74,7 +74,8 @@ def _markdown(results: dict[str, Any], names: list[str], sessions: list[Sessions
         "# fedanom simulation report",
         "",
         f"{len(names)} merchants, {scenario['rounds']} federated rounds, ε = {scenario['epsilon']:g} per "
-        f"merchant, seed {scenario['seed']}. Thresholds are chosen on each merchant's validation sessions "
+        f"merchant, seed {scenario['seed']}; each merchant's latest {scenario['test_share']:.0%} of events "
+        "are its test set. Thresholds are chosen on each merchant's validation sessions "
         "(best F1); every test session counts once (no point adjustment).",
         "",
         "## Merchants",
@@ -116,12 +117,7 @@ def _markdown(results: dict[str, Any], names: list[str], sessions: list[Sessions
     lines += ["", "## Recall per attack type (mean over merchants, at the validation threshold)", ""]
     lines += ["| method | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
     for method, values in results["methods"].items():
-        cells = []
-        for kind in kinds:
-            seen = [
-                m["per_attack_recall"][kind] for m in values["per_merchant"] if kind in m["per_attack_recall"]
-            ]
-            cells.append(f"{np.mean(seen):.2f}" if seen else "-")
+        cells = ["-" if np.isnan(v) else f"{v:.2f}" for v in _recall_by_attack(values["per_merchant"], kinds)]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -180,16 +176,29 @@ def _epsilon(out: Path, names: list[str], comparison: Comparison) -> str:
     return _save(fig, out, "epsilon_per_round.png")
 
 
+def _recall_by_attack(per_merchant: list[dict[str, Any]], kinds: list[str]) -> list[float]:
+    """Mean recall over the merchants whose test set holds the attack (nan where none does)."""
+    out = []
+    for kind in kinds:
+        seen = [m["per_attack_recall"][kind] for m in per_merchant if kind in m["per_attack_recall"]]
+        out.append(float(np.mean(seen)) if seen else float("nan"))
+    return out
+
+
 def _attack_recall(out: Path, metrics: dict[str, list[dict[str, Any]]]) -> str:
+    """A methods x attacks grid of recall at the validation threshold (blank: no such bot in test)."""
     kinds = sorted({k for per in metrics.values() for m in per for k in m["per_attack_recall"]})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(kinds) * len(metrics) / 3), 4))
-    width = 0.8 / max(len(metrics), 1)
-    for i, (method, per) in enumerate(metrics.items()):
-        values = [np.mean([m["per_attack_recall"].get(k, np.nan) for m in per]) for k in kinds]
-        ax.bar(np.arange(len(kinds)) + i * width, values, width, label=method)
-    ax.set_xticks(np.arange(len(kinds)) + 0.4 - width / 2, kinds, rotation=20, fontsize=8)
-    ax.set(ylabel="recall at the validation threshold", ylim=(0, 1.05))
-    ax.legend(fontsize=7)
+    grid = np.array([_recall_by_attack(per, kinds) for per in metrics.values()])
+    fig, ax = plt.subplots(figsize=(2.5 + 0.75 * len(kinds), 1.5 + 0.45 * len(metrics)))
+    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    for (i, j), value in np.ndenumerate(grid):
+        if not np.isnan(value):
+            ax.text(
+                j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="w" if value < 0.6 else "k"
+            )
+    ax.set_xticks(np.arange(len(kinds)), kinds, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(np.arange(len(metrics)), list(metrics), fontsize=8)
+    fig.colorbar(image, ax=ax, label="recall at the validation threshold")
     return _save(fig, out, "attack_recall.png")
 
 

@@ -28,7 +28,7 @@ from fedanom.simulations.attacks import ATTACKS, inject
 from fedanom.simulations.real import real_shop
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
 
-TEST_SHARE = 0.2  # the latest fifth of each merchant's time span is its test set
+TEST_SHARE = 0.2  # by default the latest fifth of each merchant's events is its test set
 EVENTS_PER_BOT = 1_500  # one bot session of each attack type per this many events (at least MIN_BOTS)
 MIN_BOTS = 3
 # synthetic merchants log logins (the real samples do not), so that credential stuffing shows
@@ -106,14 +106,17 @@ def partition(frame: pd.DataFrame, n: int, how: str, seed: int) -> list[pd.DataF
     return parts
 
 
-def prepare(shops: list[tuple[str, pd.DataFrame]], out: Path, seed: int) -> list[MerchantData]:
-    """Inject every attack into every shop, cut each in time, write the files."""
+def prepare(
+    shops: list[tuple[str, pd.DataFrame]], out: Path, seed: int, test_share: float = TEST_SHARE
+) -> list[MerchantData]:
+    """Inject every attack into every shop, cut each in time (the latest `test_share` of its events are
+    its test set), write the files."""
     out.mkdir(parents=True, exist_ok=True)
     merchants = []
     for i, (name, frame) in enumerate(shops):
         per_attack = max(MIN_BOTS, len(frame) // EVENTS_PER_BOT)
         events = inject(frame, dict.fromkeys(ATTACKS, per_attack), seed=seed * 1_000 + i)
-        cut = np.quantile(events.timestamp, 1.0 - TEST_SHARE)
+        cut = np.quantile(events.timestamp, 1.0 - test_share)
         fit, test = events[events.timestamp < cut], events[events.timestamp >= cut]
         bots = events[events.attack != ""].drop_duplicates("user_id")
         merchants.append(
