@@ -58,6 +58,12 @@ STANDARD_ALIASES: dict[str, str] = {
 }
 
 
+def standard_event(raw: str) -> str:
+    """The standard name of a raw event type ("pv" -> "view"); unknown names come back lower-cased."""
+    name = str(raw).lower()
+    return STANDARD_ALIASES.get(name, name)
+
+
 def event_type_map(custom: Iterable[str] = ()) -> dict[str, int]:
     """Lower-cased raw event name -> standard event code, with the merchant's custom declarations added.
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from fedanom.common.events import STANDARD_ALIASES
+from fedanom.common.events import standard_event
 
 Gaps = Callable[[int], np.ndarray]
 Steps = list[tuple[pd.DataFrame, str]]  # (items, standard event type), in order
@@ -35,7 +35,7 @@ class ShopView:
     """What a bot sees of a shop: its catalogue, its popular items, the event types it logs."""
 
     def __init__(self, rng: np.random.Generator, frame: pd.DataFrame) -> None:
-        logged = frame.event_type.astype(str).str.lower().map(lambda e: STANDARD_ALIASES.get(e, e))
+        logged = frame.event_type.map(standard_event)
         self.logged = set(logged)
         self.rng, self.frame = rng, frame[(logged != "login").to_numpy()]  # items, not the login page
         self.catalogue = self.frame[["item_id", "category_id"]].drop_duplicates("item_id")

@@ -21,7 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedanom.common.events import STANDARD_ALIASES
+from fedanom.common.events import standard_event
+from fedanom.common.sessions import SessionConfig
+from fedanom.simulations.real import real_shop
+from fedanom.simulations.shop import ShopConfig, generate_shop
 
 STATS: dict[str, str] = {
     "browse_share": "share of events that are views or clicks",
@@ -46,7 +49,7 @@ SESSION_SHAPE = (
     "gap_p90_s",
     "item_revisits",
 )
-SESSION_GAP_S = 30 * 60
+SESSION_GAP_S = SessionConfig().gap_minutes * 60
 
 # (directory under ../shared/data, file, preset, logs session ids, logs carts and purchases)
 REAL_SAMPLES = (
@@ -76,7 +79,7 @@ TARGETS: dict[str, float] = {
 def behaviour_stats(frame: pd.DataFrame) -> dict[str, float]:
     """The STATS of a shop's events (columns user_id, item_id, event_type, timestamp in s)."""
     frame = frame.sort_values(["user_id", "timestamp"], kind="stable")
-    kind = frame.event_type.astype(str).str.lower().map(lambda e: STANDARD_ALIASES.get(e, e)).to_numpy()
+    kind = frame.event_type.map(standard_event).to_numpy()
     user, time = frame.user_id.to_numpy(), frame.timestamp.to_numpy()
     new = np.ones(len(frame), dtype=bool)
     new[1:] = (user[1:] != user[:-1]) | (time[1:] - time[:-1] > SESSION_GAP_S)
@@ -106,8 +109,6 @@ def behaviour_stats(frame: pd.DataFrame) -> dict[str, float]:
 
 
 def real_sample_stats(data_dir: Path) -> dict[str, dict[str, float]]:
-    from fedanom.simulations.real import real_shop
-
     return {
         preset: behaviour_stats(real_shop(data_dir / folder / name, preset))
         for folder, name, preset, _, _ in REAL_SAMPLES
@@ -142,8 +143,6 @@ def calibration_table(columns: dict[str, dict[str, float]]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """`python -m fedanom.simulations.calibration DATA_DIR`: every real sample's statistics, the
     targets they give, and the synthetic shop's (default generator) next to them."""
-    from fedanom.simulations.shop import ShopConfig, generate_shop
-
     data_dir = Path((argv or sys.argv[1:])[0])
     per_shop = real_sample_stats(data_dir)
     synthetic = behaviour_stats(generate_shop(ShopConfig(n_events=30_000, n_users=3_000, n_items=8_000)))

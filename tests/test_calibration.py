@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedanom.common.events import STANDARD_ALIASES
+from fedanom.common.events import standard_event
 from fedanom.simulations.attacks import ATTACKS, inject
 from fedanom.simulations.calibration import TARGETS, behaviour_stats, derive_targets, real_sample_stats
 from fedanom.simulations.real import real_shop
@@ -53,5 +53,5 @@ def test_attacks_use_only_what_the_shop_logs(shared_data: Path) -> None:
         shared_data / "yoochoose-rsc15-100k" / "yoochoose-clicks-100k_train_full.tsv.gz", "yoochoose"
     )
     bots = inject(shop, dict.fromkeys(ATTACKS, 2), seed=1).query("attack != ''")
-    assert set(bots.event_type.map(lambda e: STANDARD_ALIASES.get(e, e))) == {"click"}
+    assert set(bots.event_type.map(standard_event)) == {"click"}
     assert set(bots.attack) == set(ATTACKS)
