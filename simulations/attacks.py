@@ -40,7 +40,6 @@ class ShopView:
         self.rng, self.frame = rng, frame[(logged != "login").to_numpy()]  # items, not the login page
         self.catalogue = self.frame[["item_id", "category_id"]].drop_duplicates("item_id")
         self.browsing = str(self.frame.event_type.mode().iloc[0])
-        self.purchase = "purchase" if "purchase" in self.logged else self.browsing
 
     def popular(self, n: int) -> pd.DataFrame:
         """n items drawn as shoppers draw them (by their share of the shop's events)."""
@@ -57,24 +56,24 @@ class ShopView:
 
     def logged_as(self, kind: str) -> str | None:
         """The event the shop's log shows for a step of this standard type (None: no trace)."""
-        if kind in self.logged or kind == "view":
-            return kind if kind != "view" else self.browsing
+        if kind == "view":
+            return self.browsing
+        if kind in self.logged:
+            return kind
         if kind in ("login", "remove_from_cart", "signup"):
             return None
         if kind == "checkout":
-            return self.purchase
+            return self.logged_as("purchase")
         return self.browsing
 
     def session(self, steps: Steps, gaps: Gaps) -> pd.DataFrame:
         """The steps as the shop logs them, each `gaps` apart; steps the log cannot see are dropped."""
-        rows = [
-            pd.DataFrame({"item_id": i.item_id.to_numpy(), "category_id": i.category_id.to_numpy()}).assign(
-                event_type=self.logged_as(kind)
-            )
-            for items, kind in steps
-            for i in [items.reset_index(drop=True)]
-            if self.logged_as(kind) is not None
-        ]
+        rows = []
+        for items, kind in steps:
+            event = self.logged_as(kind)
+            if event is not None:
+                columns = {"item_id": items.item_id.to_numpy(), "category_id": items.category_id.to_numpy()}
+                rows.append(pd.DataFrame(columns).assign(event_type=event))
         out = pd.concat(rows, ignore_index=True)
         return out.assign(offset_s=np.cumsum(gaps(len(out))))
 
