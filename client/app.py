@@ -6,7 +6,8 @@ merchant's own validation sessions and ready for `fedanom score`. Only the adapt
 the whitelisted metrics below leave the merchant.
 
 The merchant is described by the SuperNode's node config (`data`, `preset`, `state-dir`, `epsilon`, and
-optionally `base` and `labels`); in simulation, by the `sim-data` files the server forwards, indexed by
+optionally `base` and `labels`: its known attacks, which train the adapter's anomaly head when the run
+has one); in simulation, by the `sim-data` files the server forwards, indexed by
 the node's partition id. Everything else arrives with each round's message, so simulation and deployment
 behave alike. The backbone is found by the content hash the server announces: the merchant's own `base`
 if it matches, else one the server shipped earlier into `<state-dir>/backbones/<hash>` (`query`).
@@ -42,6 +43,7 @@ from fedanom.common.records import (
     HAS_BACKBONE,
     TRAIN_METRICS,
     Metrics,
+    flag,
     lora_settings,
     number,
     text,
@@ -83,14 +85,15 @@ class Merchant:
             )
         partition = int(number(node, "partition-id"))
         files = text(config, "sim-data").split(";")
-        labels = [name for name in text(config, "sim-labels").split(";") if name]
+        labels = text(config, "sim-labels").split(";")  # one per merchant; empty: it knows no attacks
+        known = labels[partition % len(labels)]
         return cls(
             data=Path(files[partition % len(files)]),
             preset=text(config, "sim-preset") or None,
             state_dir=Path(text(config, "sim-state-root")) / f"merchant-{partition}",
             epsilon=number(config, "epsilon"),
             base=Path(text(config, "base")),
-            labels=Path(labels[partition % len(labels)]) if labels else None,
+            labels=Path(known) if known else None,
         )
 
     def backbone(self, expected_hash: str) -> Path | None:
@@ -179,13 +182,17 @@ def train(msg: Message, context: Context) -> Message:
         return Message(RecordDict({"arrays": to_record(arrays), "metrics": metrics}), reply_to=msg)
     train_windows, _, _ = merchant.windows()
     model = global_model(merchant, config, incoming)
+    # a merchant's known attacks train the adapter's anomaly head, where the federation's adapter has one
+    head_labels = None
+    if merchant.labels is not None and lora_settings(config).supervised_head:
+        head_labels = read_labels(merchant.labels, train_windows)
     settings = TrainSettings(
         epochs=number(config, "local-epochs"),
         batch_size=int(number(config, "batch-size")),
         learning_rate=number(config, "learning-rate"),
         max_grad_norm=number(config, "max-grad-norm"),
         seed=this_round,
-        dp=config.get("dp", True) is True,
+        dp=flag(config, "dp"),
     )
     steps = math.ceil(
         settings.epochs * train_windows.n_windows / min(settings.batch_size, train_windows.n_windows)
@@ -197,7 +204,14 @@ def train(msg: Message, context: Context) -> Message:
             merchant.state_dir, epsilon_budget=merchant.epsilon, delta=1.0 / train_windows.n_windows
         )
     try:
-        report = train_model(model, train_windows, settings, ledger=ledger, planned_steps=rounds_left * steps)
+        report = train_model(
+            model,
+            train_windows,
+            settings,
+            labels=head_labels,
+            ledger=ledger,
+            planned_steps=rounds_left * steps,
+        )
     except BudgetExhausted as exc:
         return Message(Error(code=BUDGET_EXHAUSTED, reason=str(exc)), reply_to=msg)
     values: Metrics = {

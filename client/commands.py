@@ -201,7 +201,11 @@ def client(
     ] = None,
     labels: Annotated[
         Path | None,
-        typer.Option("--labels", help="CSV of known attacks (session_id or user_id, label): local AUROC."),
+        typer.Option(
+            "--labels",
+            help="CSV of known attacks (session_id or user_id, label): local AUROC; trains the anomaly "
+            "head when the federation's adapter has one (fedanom server --supervised-head).",
+        ),
     ] = None,
     state_dir: StateDirOption = Path(".fedanom-state"),
     epsilon: EpsilonOption = 8.0,

@@ -1,8 +1,11 @@
 """A merchant's own labels: which of its sessions it knows to be attacks (0/1), keyed by session or user.
 
-`fedanom train --labels` trains the supervised head on them; in a federation they only measure the
-global detector on the merchant's validation sessions (AUROC, reported as a metric) and keep known
-attacks out of its calibration. Labels never leave the merchant.
+`fedanom train --labels` trains the supervised head on them. In a federation they measure the global
+detector on the merchant's validation sessions (AUROC, reported as a metric), keep known attacks out of
+its calibration and, where the federation's adapter has a head (`fedanom server --supervised-head`),
+train that head on the merchant's training sessions: the averaged head then carries what every
+labelled merchant knows of attacks to all of them. Labels never leave the merchant; the head's update
+leaves under the same DP as the rest of the adapter.
 """
 
 from __future__ import annotations

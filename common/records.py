@@ -41,6 +41,7 @@ RUN_DEFAULTS: dict[str, bool | float | int | str] = {
     "lora-alpha": 16,
     "lora-seed": 0,
     "lora-targets": "",
+    "supervised-head": False,
     "dp": True,
 }
 
@@ -60,6 +61,15 @@ def number(config: Mapping[str, object], key: str) -> float:
     return float(value)
 
 
+def flag(config: Mapping[str, object], key: str) -> bool:
+    """A true/false setting (its RUN_DEFAULTS value when absent): a string such as "false" is a mistake
+    to name, never a silent false (or a silently disabled DP)."""
+    value = config.get(key, RUN_DEFAULTS[key])
+    if not isinstance(value, bool):
+        raise FedanomError(f"config value '{key}' must be true or false, not {value!r}")
+    return value
+
+
 def text(config: Mapping[str, object], key: str, default: str = "") -> str:
     value = config.get(key, default)
     if not isinstance(value, str):
@@ -77,10 +87,12 @@ def to_record(arrays: Mapping[str, np.ndarray | torch.Tensor]) -> ArrayRecord:
 
 def lora_settings(config: Mapping[str, object]) -> LoraSettings:
     """The adapter settings a federation's run config names (`lora-rank`, `lora-alpha`, `lora-seed`,
-    `lora-targets`: comma-separated linear layers, empty for all of them)."""
+    `lora-targets`: comma-separated linear layers, empty for all of them; `supervised-head`: the adapter
+    carries the anomaly head that merchants with labels train)."""
     return LoraSettings(
         rank=int(number(config, "lora-rank")),
         alpha=int(number(config, "lora-alpha")),
         seed=int(number(config, "lora-seed")),
         targets=tuple(t.strip() for t in text(config, "lora-targets").split(",") if t.strip()),
+        supervised_head=flag(config, "supervised-head"),
     )

@@ -30,6 +30,7 @@ from fedanom.common.records import (
     EVALUATE_METRICS,
     RUN_DEFAULTS,
     TRAIN_METRICS,
+    flag,
     lora_settings,
     number,
     text,
@@ -52,6 +53,7 @@ FORWARDED = (
     "lora-alpha",
     "lora-seed",
     "lora-targets",
+    "supervised-head",
     "dp",
     "base",
     "epsilon",
@@ -227,7 +229,7 @@ def run_federation(grid: Grid, cfg: Mapping[str, object]) -> None:
     model = attach_lora(load_backbone(base), lora)
     arrays = {name: t.numpy() for name, t in trainable_state(model).items()}
     total_rounds, done = int(number(cfg, "num-server-rounds")), 0
-    resumed = last_checkpoint(run_dir) if cfg.get("resume") is True else None
+    resumed = last_checkpoint(run_dir) if flag(cfg, "resume") else None
     if resumed is not None:
         done, arrays = resumed
     rewrite_round_log(run_dir, done)

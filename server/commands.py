@@ -97,6 +97,12 @@ def server(
     lora_targets: Annotated[
         str, typer.Option("--lora-targets", help="Comma-separated linear layers to adapt (default: all).")
     ] = "",
+    supervised_head: Annotated[
+        bool,
+        typer.Option(
+            "--supervised-head", help="An anomaly head in the adapter, trained by merchants with --labels."
+        ),
+    ] = False,
     run_dir: Annotated[Path, typer.Option("--run-dir", help="Checkpoints, logs, the global adapter.")] = Path(
         "runs/fedanom"
     ),
@@ -188,6 +194,7 @@ def server(
         "lora-rank": rank,
         "lora-alpha": alpha,
         "lora-targets": lora_targets,
+        "supervised-head": supervised_head,
     }
     env = flower_environment(FLWR_HOME=str(home))
     with open(run_dir / "superlink.log", "a") as log:

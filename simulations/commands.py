@@ -72,6 +72,13 @@ def simulate(
     ] = None,
     d_model: Annotated[int, typer.Option("--d-model")] = DEFAULT.d_model,
     layers: Annotated[int, typer.Option("--layers")] = DEFAULT.n_layers,
+    head: Annotated[
+        bool,
+        typer.Option(
+            "--head/--no-head",
+            help="Merchants' known attacks train an anomaly head (federated, local and centralized alike).",
+        ),
+    ] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
 ) -> None:
     """Simulate a federation and compare it with local, centralized and feature baselines."""
@@ -112,11 +119,13 @@ def simulate(
             rounds=rounds,
             epsilon=epsilon,
             seed=seed,
+            head=head,
             on_method=lambda method: bar.update(task, description=f"method: {method}"),
         )
     scenario = {
         "rounds": rounds,
         "test_share": test_share,
+        "supervised_head": head,
         "epsilon": epsilon,
         "seed": seed,
         "backbone": str(base),

@@ -10,9 +10,11 @@
 - `isolation-forest`, `ecod`: per merchant, on the session features (no sequence model).
 
 Every method sees the same sessions: the merchant's pre-cut events split 85/15 in time into training and
-validation (as the ClientApp splits them), and its post-cut test events. Every sequence method may use
-the validation labels the same way: to choose its score aggregation and to keep known attacks out of
-its threshold (the federated merchants get them through `sim-labels`).
+validation (as the ClientApp splits them), and its post-cut test events. Every trained sequence method
+uses the merchant's known attacks the same way (the federated merchants get them through `sim-labels`):
+with `head`, they train the adapter's anomaly head on the training sessions; on the validation sessions
+they choose the score aggregation and keep known attacks out of the threshold (`pretrained-only` does
+only the last two).
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def run_all(
     rounds: int,
     epsilon: float,
     seed: int,
+    head: bool = True,
     on_method: Callable[[str], None] = lambda _: None,
 ) -> Comparison:
     result = Comparison()
@@ -107,12 +110,14 @@ def run_all(
         on_method(method)
         if method.startswith("federated"):
             dp = method == "federated-dp"
-            scores, log = federated(merchants, sessions, base, workdir / method, rounds, epsilon, dp, seed)
+            scores, log = federated(
+                merchants, sessions, base, workdir / method, rounds, epsilon, dp, seed, head
+            )
             result.rounds[method] = log
         elif method == "local-only":
-            scores = [local(s, base, rounds, epsilon, seed) for s in sessions]
+            scores = [local(s, base, rounds, epsilon, seed, head) for s in sessions]
         elif method == "centralized":
-            scores = centralized(sessions, base, rounds, seed)
+            scores = centralized(sessions, base, rounds, seed, head)
         elif method == "pretrained-only":
             scores = [pretrained(s, base, seed) for s in sessions]
         else:
@@ -134,6 +139,7 @@ def federated(
     epsilon: float,
     dp: bool,
     seed: int,
+    head: bool,
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[dict[str, Any]]]:
     shutil.rmtree(run_dir, ignore_errors=True)
     labels = []
@@ -154,6 +160,7 @@ def federated(
         "epsilon": epsilon,
         "dp": dp,
         "lora-seed": seed,
+        "supervised-head": head,
         "round-timeout": 3600.0,
     }
     run_simulation(
@@ -182,8 +189,11 @@ def _settings(rounds: int, dp: bool, seed: int) -> TrainSettings:
     )
 
 
-def local(s: Sessions, base: Path, rounds: int, epsilon: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    detector = BehaviourDetector.from_backbone(base, s.popularity, lora=LoraSettings(seed=seed))
+def local(
+    s: Sessions, base: Path, rounds: int, epsilon: float, seed: int, head: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    lora = LoraSettings(seed=seed, supervised_head=head)
+    detector = BehaviourDetector.from_backbone(base, s.popularity, lora=lora)
     fit = Windows.concat([s.train, s.validation])
     ledger = PrivacyLedger(epsilon_budget=epsilon, delta=1.0 / s.train.n_windows)
     detector.fit(fit, s.labels(fit), train=_settings(rounds, True, seed), ledger=ledger)
@@ -197,7 +207,7 @@ def pretrained(s: Sessions, base: Path, seed: int) -> tuple[np.ndarray, np.ndarr
 
 
 def centralized(
-    sessions: list[Sessions], base: Path, rounds: int, seed: int
+    sessions: list[Sessions], base: Path, rounds: int, seed: int, head: bool
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     pooled = Windows.concat(
         [_apart(s.train, i) for i, s in enumerate(sessions)]
@@ -206,7 +216,8 @@ def centralized(
     labels = np.concatenate(
         [s.labels(s.train) for s in sessions] + [s.labels(s.validation) for s in sessions]
     )
-    detector = BehaviourDetector.from_backbone(base, sessions[0].popularity, lora=LoraSettings(seed=seed))
+    lora = LoraSettings(seed=seed, supervised_head=head)
+    detector = BehaviourDetector.from_backbone(base, sessions[0].popularity, lora=lora)
     detector.fit(pooled, labels, train=_settings(rounds, False, seed))
     return [(detector.decision_function(s.validation), detector.decision_function(s.test)) for s in sessions]
 

@@ -1,9 +1,11 @@
 """The federated run on Flower's Simulation Engine: the same ServerApp and ClientApp code as deployment.
 
-Three virtual merchants with their own (synthetic) shops, two rounds. Checked: every update is accepted
-and averaged, each merchant's ε accumulates across rounds within its budget, checkpoints and the final
-global adapter are written, every merchant keeps a calibrated global detector, and nothing but LoRA B
-tensors and whitelisted metrics ever leaves a merchant (a Flower mod records every outgoing message).
+Three virtual merchants with their own (synthetic) shops, two rounds, an adapter with the anomaly head
+(only the first merchant knows some of its attacks, so the head is trained by one merchant and carried by
+all). Checked: every update is accepted and averaged, each merchant's ε accumulates across rounds within
+its budget, checkpoints and the final global adapter are written, every merchant keeps a calibrated
+global detector, and nothing but LoRA B and head tensors and whitelisted metrics ever leaves a merchant
+(a Flower mod records every outgoing message).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from transformers import AutoModelForCausalLM
 from fedanom.client import app as merchant_app
 from fedanom.client.detector import BehaviourDetector
 from fedanom.common.ingest import ingest
+from fedanom.common.model import HEAD
 from fedanom.common.presets import resolve_preset
 from fedanom.common.records import HAS_BACKBONE, RUN_DEFAULTS, to_numpy, to_record
 from fedanom.common.windows import Windows
@@ -57,9 +60,11 @@ def federation(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) ->
     files = []
     for i in range(3):
         shop = generate_shop(ShopConfig(n_events=2_500 + 1_000 * i, n_users=300, n_items=900), seed=60 + i)
-        files.append(
-            str(write_taobao_csv(inject(shop, {"scraping-crude": 3}, seed=i), root / f"merchant-{i}.csv"))
-        )
+        events = inject(shop, {"scraping-crude": 3}, seed=i)
+        files.append(str(write_taobao_csv(events, root / f"merchant-{i}.csv")))
+        if i == 0:  # the first merchant knows its bots
+            bots = events[events.attack != ""].user_id.unique()
+            (root / "labels-0.csv").write_text("user_id,label\n" + "".join(f"{u},1\n" for u in bots))
     spy = root / "spy"
     spy.mkdir()
     os.environ[SPY_DIR] = str(spy)  # Ray's workers inherit the environment
@@ -71,9 +76,11 @@ def federation(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) ->
         "base": str(root / "base"),
         "sim-data": ";".join(files),
         "sim-preset": "taobao",
+        "sim-labels": f"{root / 'labels-0.csv'};;",
         "sim-state-root": str(root / "state"),
         "run-dir": str(root / "run"),
         "round-timeout": 300.0,
+        "supervised-head": True,
     }
     run_simulation(
         server_app=build_app(overrides),
@@ -82,6 +89,11 @@ def federation(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) ->
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
     )
     return root
+
+
+def sent(tensor: str) -> str:
+    """Which part of the adapter a tensor name belongs to: "lora_B", the anomaly head, or its own name."""
+    return next((part for part in ("lora_B", HEAD) if part in tensor), tensor)
 
 
 def rounds(root: Path) -> list[dict[str, Any]]:
@@ -103,7 +115,7 @@ def test_every_round_averages_every_merchant(federation: Path) -> None:
         assert json.loads((federation / "run" / f"round-{r['round']}" / "metrics.json").read_text()) == r
     for k in (1, 2):
         with np.load(federation / "run" / f"round-{k}" / "adapter.npz") as adapter:
-            assert adapter.files and all("lora_B" in name for name in adapter.files)
+            assert {sent(name) for name in adapter.files} == {"lora_B", HEAD}
             assert all(np.isfinite(adapter[name]).all() for name in adapter.files)
     with (
         np.load(federation / "run" / "round-1" / "adapter.npz") as one,
@@ -132,7 +144,7 @@ def test_only_adapter_tensors_and_whitelisted_metrics_leave_a_merchant(federatio
         assert not message["error"]
         for name, record in message["records"].items():
             if record["kind"] == "ArrayRecord":
-                assert name == "arrays" and record["keys"] and all("lora_B" in k for k in record["keys"])
+                assert name == "arrays" and {sent(k) for k in record["keys"]} == {"lora_B", HEAD}
             elif message["type"] == "query":
                 assert record == {"kind": "ConfigRecord", "keys": [HAS_BACKBONE]} and name == "backbone"
             else:
@@ -148,6 +160,7 @@ def test_final_global_adapter_and_merchant_detectors(federation: Path) -> None:
     for i in range(3):
         detector = BehaviourDetector.load(federation / "state" / f"merchant-{i}" / "detector")
         assert detector.provenance["federated_round"] == 2
+        assert detector.lora.supervised_head and detector.score_mix is not None  # the global head scores
         ingested = ingest(
             federation / f"merchant-{i}.csv", resolve_preset("taobao"), popularity=detector.popularity
         )

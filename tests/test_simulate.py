@@ -1,6 +1,7 @@
 """`fedanom simulate` end to end on Flower's Simulation Engine: a small seeded run (3 merchants, 2 rounds,
-a tiny model) writes its report, plots and results, compares every method on every merchant, and
-federated + DP clears a quality floor. The partitioners keep users whole."""
+a tiny model) writes its report, plots and results, compares every method on every merchant, federated +
+DP clears a quality floor, and the federated anomaly head learned the merchants' known attacks. The
+partitioners keep users whole."""
 
 from __future__ import annotations
 
@@ -10,8 +11,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
+from fedanom.client.detector import BehaviourDetector
+from fedanom.common.ingest import ingest
+from fedanom.common.presets import resolve_preset
+from fedanom.common.windows import Windows
 from fedanom.simulations.attacks import ATTACKS
 from fedanom.simulations.calibration import STATS
 from fedanom.simulations.compare import METHODS
@@ -68,6 +76,25 @@ def test_federated_dp_reaches_the_quality_floor_on_every_merchant(
     for merchant in results["methods"]["federated-dp"]["per_merchant"]:
         assert merchant["auroc"] >= 0.85, merchant
         assert merchant["auprc"] >= 3 * merchant["attacks"] / merchant["sessions"], merchant
+
+
+def test_the_federated_head_learned_the_merchants_known_attacks(
+    simulation: tuple[Path, dict[str, Any]],
+) -> None:
+    """On each merchant's test sessions the global head's logit alone ranks its bots above its normal
+    sessions (AUROC >= 0.85; the untrained head of the same seed scores 0.54-0.61 here)."""
+    out, results = simulation
+    assert results["scenario"]["supervised_head"] is True
+    work = out / "work"
+    for i in range(3):
+        detector = BehaviourDetector.load(work / "federated-dp" / "state" / f"merchant-{i}" / "detector")
+        test = work / "merchants" / f"merchant-{i}-test.csv"
+        ingested = ingest(test, resolve_preset("taobao"), popularity=detector.popularity)
+        windows = Windows.from_batches(ingested.batches(), detector.popularity, ingested.report)
+        known = set(pd.read_csv(work / "federated-dp" / f"labels-{i}.csv", dtype=str).user_id)
+        bots = np.array([user in known for user in windows.user])
+        head = detector.surprise(windows).head
+        assert head is not None and roc_auc_score(bots, head) >= 0.85, i
 
 
 @pytest.mark.parametrize("how", ["natural:category_id", "dirichlet:0.3", "quantity:1.0"])
