@@ -77,6 +77,12 @@ def text(config: Mapping[str, object], key: str, default: str = "") -> str:
     return value
 
 
+def error_reason(reason: str | None) -> str:
+    """A failed reply's own message, without the Ray and Flower traceback around it."""
+    text = (reason or "").strip().rstrip("'>")
+    return text.rsplit("Message: ", 1)[-1].splitlines()[-1] if text else "unknown error"
+
+
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 

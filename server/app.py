@@ -30,6 +30,7 @@ from fedanom.common.records import (
     EVALUATE_METRICS,
     RUN_DEFAULTS,
     TRAIN_METRICS,
+    error_reason,
     flag,
     lora_settings,
     number,
@@ -112,7 +113,7 @@ class CheckedFedAvg(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                failed.append({"node": node, "reason": _last_sentence(msg.error.reason)})
+                failed.append({"node": node, "reason": error_reason(msg.error.reason)})
                 continue
             metrics = {key: number(msg.content.metric_records["metrics"], key) for key in TRAIN_METRICS}
             per_client[str(node)] = metrics
@@ -155,7 +156,7 @@ class CheckedFedAvg(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                failed.append({"node": node, "reason": _last_sentence(msg.error.reason)})
+                failed.append({"node": node, "reason": error_reason(msg.error.reason)})
                 continue
             record = msg.content.metric_records["metrics"]
             per_client[str(node)] = {key: number(record, key) for key in EVALUATE_METRICS if key in record}
@@ -170,12 +171,6 @@ class CheckedFedAvg(FedAvg):
 
 def _reasons(failures: Mapping[int, str]) -> list[dict[str, Any]]:
     return [{"node": node, "reason": reason} for node, reason in failures.items()]
-
-
-def _last_sentence(reason: str | None) -> str:
-    """A ClientApp failure's own message, without the Ray and Flower traceback around it."""
-    text = (reason or "").strip().rstrip("'>")
-    return text.rsplit("Message: ", 1)[-1].splitlines()[-1] if text else "unknown error"
 
 
 def last_checkpoint(run_dir: Path) -> tuple[int, Arrays] | None:

@@ -27,10 +27,11 @@ from transformers import AutoModelForCausalLM
 
 from fedanom.client import app as merchant_app
 from fedanom.client.detector import BehaviourDetector
+from fedanom.common.errors import FedanomError
 from fedanom.common.ingest import ingest
 from fedanom.common.model import HEAD
 from fedanom.common.presets import resolve_preset
-from fedanom.common.records import HAS_BACKBONE, RUN_DEFAULTS, to_numpy, to_record
+from fedanom.common.records import HAS_BACKBONE, RUN_DEFAULTS, flag, lora_settings, to_numpy, to_record
 from fedanom.common.windows import Windows
 from fedanom.server.app import build_app
 from fedanom.simulations.attacks import inject
@@ -173,6 +174,13 @@ def test_run_defaults_match_pyproject() -> None:
 
     pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     assert pyproject["tool"]["flwr"]["app"]["config"] == RUN_DEFAULTS
+
+
+def test_a_true_false_setting_written_as_text_is_refused_not_read_as_false() -> None:
+    with pytest.raises(FedanomError, match="'dp' must be true or false, not 'false'"):
+        flag({"dp": "false"}, "dp")
+    assert flag({}, "dp") is True and flag({}, "supervised-head") is False
+    assert lora_settings({**RUN_DEFAULTS, "supervised-head": True}).supervised_head
 
 
 CORRUPT = "FEDANOM_TEST_CORRUPT"  # partition-id=kind,... : which merchants send which broken update
