@@ -50,7 +50,7 @@ def train(
     state_dir: StateDirOption = Path(".fedanom-state"),
     epochs: Annotated[float, typer.Option("--epochs")] = 3.0,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
-    learning_rate: Annotated[float, typer.Option("--learning-rate")] = 2e-2,
+    learning_rate: Annotated[float, typer.Option("--learning-rate")] = TrainSettings.learning_rate,
     max_grad_norm: Annotated[
         float, typer.Option("--max-grad-norm", help="Per-session clipping bound.")
     ] = 1.0,

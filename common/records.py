@@ -35,7 +35,7 @@ RUN_DEFAULTS: dict[str, bool | float | int | str] = {
     "sim-labels": "",
     "local-epochs": 1.0,
     "batch-size": 64,
-    "learning-rate": 0.02,
+    "learning-rate": 0.05,
     "max-grad-norm": 1.0,
     "lora-rank": 8,
     "lora-alpha": 16,

@@ -90,7 +90,7 @@ def server(
     ] = 0.0,
     local_epochs: Annotated[float, typer.Option("--local-epochs")] = 1.0,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
-    learning_rate: Annotated[float, typer.Option("--learning-rate")] = 0.02,
+    learning_rate: Annotated[float, typer.Option("--learning-rate")] = float(RUN_DEFAULTS["learning-rate"]),
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm")] = 1.0,
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 8,
     alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = 16,

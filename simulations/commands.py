@@ -79,6 +79,13 @@ def simulate(
             help="Merchants' known attacks train an anomaly head (federated, local and centralized alike).",
         ),
     ] = True,
+    unlabelled: Annotated[
+        int,
+        typer.Option(
+            "--unlabelled",
+            help="This many of the smallest merchants know none of their past attacks (no fraud team).",
+        ),
+    ] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
 ) -> None:
     """Simulate a federation and compare it with local, centralized and feature baselines."""
@@ -106,7 +113,8 @@ def simulate(
         else:
             shops = real_shops(sources)
         calibration = {name: behaviour_stats(frame) for name, frame in shops}
-        prepared = prepare(shops, work / "merchants", seed, test_share)
+        prepared = prepare(shops, work / "merchants", seed, test_share, unlabelled)
+        head = head and any(m.labelled for m in prepared)  # nobody's labels: a head would learn nothing
         bar.update(task, description="pretraining the backbone")
         base = base or _pretrain(work, BackboneConfig(d_model=d_model, n_layers=layers), seed)
         bar.update(task, description="reading sessions")
@@ -129,7 +137,10 @@ def simulate(
         "epsilon": epsilon,
         "seed": seed,
         "backbone": str(base),
-        "merchants": [{"name": m.name, "events": m.events, "bots": len(m.bots)} for m in prepared],
+        "merchants": [
+            {"name": m.name, "events": m.events, "bots": len(m.bots), "labelled": m.labelled}
+            for m in prepared
+        ],
         "calibration": calibration,
         "seconds": time.perf_counter() - started,
     }

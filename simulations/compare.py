@@ -14,7 +14,8 @@ validation (as the ClientApp splits them), and its post-cut test events. Every t
 uses the merchant's known attacks the same way (the federated merchants get them through `sim-labels`):
 with `head`, they train the adapter's anomaly head on the training sessions; on the validation sessions
 they choose the score aggregation and keep known attacks out of the threshold (`pretrained-only` does
-only the last two).
+only the last two). A merchant that knows no attacks does none of this: alone it trains no head, in a
+federation it scores with the head the others trained.
 """
 
 from __future__ import annotations
@@ -68,10 +69,15 @@ class Sessions:
     validation: Windows
     test: Windows
     popularity: Popularity
-    bots: dict[str, str]
+    bots: dict[str, str]  # the truth, which measures every method
+    labelled: bool  # whether the merchant itself knows its past attacks
 
     def labels(self, part: Windows) -> np.ndarray:
         return np.array([u in self.bots for u in part.user], dtype=bool)
+
+    def known(self, part: Windows) -> np.ndarray:
+        """The labels the merchant has to train and calibrate with: none flagged when it keeps no record."""
+        return self.labels(part) & self.labelled
 
     def kinds(self, part: Windows) -> np.ndarray:
         return np.array([self.bots.get(u, "") for u in part.user], dtype=object)
@@ -90,7 +96,7 @@ def load_sessions(merchant: MerchantData, workdir: Path) -> Sessions:
     train, validation, popularity = own.windows()
     ingested = ingest(merchant.test_path, resolve_preset("taobao"), popularity=popularity)
     test = Windows.from_batches(ingested.batches(), popularity, ingested.report)
-    return Sessions(train, validation, test, popularity, merchant.bots)
+    return Sessions(train, validation, test, popularity, merchant.bots, merchant.labelled)
 
 
 def run_all(
@@ -142,12 +148,12 @@ def federated(
     head: bool,
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[dict[str, Any]]]:
     shutil.rmtree(run_dir, ignore_errors=True)
-    labels = []
+    labels = []  # one slot per merchant, empty where it knows no attacks (a client without --labels)
     for i, s in enumerate(sessions):
         path = run_dir / f"labels-{i}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("user_id,label\n" + "".join(f"{user},1\n" for user in s.bots))
-        labels.append(str(path))
+        labels.append(str(path) if s.labelled else "")
     config: dict[str, bool | float | int | str] = {
         "num-server-rounds": rounds,
         "min-nodes": len(merchants),
@@ -192,17 +198,17 @@ def _settings(rounds: int, dp: bool, seed: int) -> TrainSettings:
 def local(
     s: Sessions, base: Path, rounds: int, epsilon: float, seed: int, head: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    lora = LoraSettings(seed=seed, supervised_head=head)
+    lora = LoraSettings(seed=seed, supervised_head=head and s.labelled)
     detector = BehaviourDetector.from_backbone(base, s.popularity, lora=lora)
     fit = Windows.concat([s.train, s.validation])
     ledger = PrivacyLedger(epsilon_budget=epsilon, delta=1.0 / s.train.n_windows)
-    detector.fit(fit, s.labels(fit), train=_settings(rounds, True, seed), ledger=ledger)
+    detector.fit(fit, s.known(fit), train=_settings(rounds, True, seed), ledger=ledger)
     return detector.decision_function(s.validation), detector.decision_function(s.test)
 
 
 def pretrained(s: Sessions, base: Path, seed: int) -> tuple[np.ndarray, np.ndarray]:
     detector = BehaviourDetector.from_backbone(base, s.popularity, lora=LoraSettings(seed=seed))
-    detector.calibrate(s.validation, s.labels(s.validation))
+    detector.calibrate(s.validation, s.known(s.validation))
     return detector.decision_function(s.validation), detector.decision_function(s.test)
 
 
@@ -213,9 +219,7 @@ def centralized(
         [_apart(s.train, i) for i, s in enumerate(sessions)]
         + [_apart(s.validation, i) for i, s in enumerate(sessions)]
     )
-    labels = np.concatenate(
-        [s.labels(s.train) for s in sessions] + [s.labels(s.validation) for s in sessions]
-    )
+    labels = np.concatenate([s.known(s.train) for s in sessions] + [s.known(s.validation) for s in sessions])
     lora = LoraSettings(seed=seed, supervised_head=head)
     detector = BehaviourDetector.from_backbone(base, sessions[0].popularity, lora=lora)
     detector.fit(pooled, labels, train=_settings(rounds, False, seed))

@@ -80,13 +80,14 @@ def _markdown(results: dict[str, Any], names: list[str], sessions: list[Sessions
         "",
         "## Merchants",
         "",
-        "| merchant | events | train / validation / test sessions | bot sessions in test |",
-        "|---|---:|---:|---:|",
+        "| merchant | events | train / validation / test sessions | bots in test | knows its attacks |",
+        "|---|---:|---:|---:|---|",
     ]
     for name, s, info in zip(names, sessions, scenario["merchants"], strict=True):
         lines.append(
             f"| {name} | {info['events']:,} | {s.train.n_windows:,} / "
-            f"{s.validation.n_windows:,} / {s.test.n_windows:,} | {int(s.labels(s.test).sum())} |"
+            f"{s.validation.n_windows:,} / {s.test.n_windows:,} | {int(s.labels(s.test).sum())} | "
+            f"{'yes' if s.labelled else 'no'} |"
         )
     lines += [
         "",

@@ -11,7 +11,9 @@ Merchants come from the synthetic shop generator (different sizes and catalogues
 Users are never split across merchants. Every merchant then gets labelled bot sessions of every attack
 type, in proportion to its traffic but at least MIN_BOTS of each (bots do not spare small shops), and
 is cut in time: events before the cut (train + validation, what
-the merchant trains on) and from the cut on (its test set).
+the merchant trains on) and from the cut on (its test set). The `unlabelled` smallest merchants keep no
+record of their attacks (a small shop has no fraud team): they train and calibrate without labels, and the
+truth about their bots only measures them.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class MerchantData:
     test_path: Path  # events from the cut on
     bots: dict[str, str]  # user id -> attack name, for every injected bot user
     events: int
+    labelled: bool  # whether the merchant knows its past attacks (its training bots are labels to it)
 
 
 def shop_sizes(n: int, scale: float) -> list[int]:
@@ -107,10 +110,18 @@ def partition(frame: pd.DataFrame, n: int, how: str, seed: int) -> list[pd.DataF
 
 
 def prepare(
-    shops: list[tuple[str, pd.DataFrame]], out: Path, seed: int, test_share: float = TEST_SHARE
+    shops: list[tuple[str, pd.DataFrame]],
+    out: Path,
+    seed: int,
+    test_share: float = TEST_SHARE,
+    unlabelled: int = 0,
 ) -> list[MerchantData]:
     """Inject every attack into every shop, cut each in time (the latest `test_share` of its events are
-    its test set), write the files."""
+    its test set), write the files; the `unlabelled` shops with the fewest events know none of their
+    attacks."""
+    if not 0 <= unlabelled <= len(shops):
+        raise FedanomError(f"--unlabelled {unlabelled}: choose between 0 and the {len(shops)} merchants")
+    smallest = set(sorted(range(len(shops)), key=lambda i: (len(shops[i][1]), i))[:unlabelled])
     out.mkdir(parents=True, exist_ok=True)
     merchants = []
     for i, (name, frame) in enumerate(shops):
@@ -126,6 +137,7 @@ def prepare(
                 test_path=write_taobao_csv(test, out / f"merchant-{i}-test.csv"),
                 bots=dict(zip(bots.user_id.astype(str), bots.attack, strict=True)),
                 events=len(events),
+                labelled=i not in smallest,
             )
         )
     return merchants

@@ -57,6 +57,7 @@ def test_user_mistakes_give_one_line_and_no_traceback(shop_csv: Path, tmp_path: 
         ("simulate", "--sizes", "12000,lots"),
         ("simulate", "--sizes", "12000,50"),
         ("simulate", "--sizes", "12000"),
+        ("simulate", "--sizes", "2000,2000", "--unlabelled", "3"),
         ("simulate", "--data", "x.csv"),
         ("simulate", "--data", "missing.csv:taobao"),
         (
