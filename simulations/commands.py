@@ -97,6 +97,9 @@ def simulate(
     sources = [_parse_data(spec) for spec in data or []]
     if partition_spec and len(sources) != 1:
         raise FedanomError("--partition splits exactly one --data file")
+    count = len(shop_events) if not sources else merchants if partition_spec else len(sources)
+    if not 0 <= unlabelled <= count:
+        raise FedanomError(f"--unlabelled {unlabelled}: choose between 0 and the {count} merchants")
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"

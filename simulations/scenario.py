@@ -119,8 +119,6 @@ def prepare(
     """Inject every attack into every shop, cut each in time (the latest `test_share` of its events are
     its test set), write the files; the `unlabelled` shops with the fewest events know none of their
     attacks."""
-    if not 0 <= unlabelled <= len(shops):
-        raise FedanomError(f"--unlabelled {unlabelled}: choose between 0 and the {len(shops)} merchants")
     smallest = set(sorted(range(len(shops)), key=lambda i: (len(shops[i][1]), i))[:unlabelled])
     out.mkdir(parents=True, exist_ok=True)
     merchants = []
