@@ -31,12 +31,13 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import PreTrainedModel
 
-from fedanom.client.training import GRAD_SAMPLE_MODES, TrainSettings, train_model
+from fedanom.client.training import GRAD_SAMPLE_MODES, train_model
 from fedanom.common.ingest import ingest
-from fedanom.common.model import BackboneConfig, LoraSettings, attach_lora, next_token_nll, pad_batch
+from fedanom.common.model import attach_lora, build_backbone, next_token_nll, pad_batch
 from fedanom.common.presets import resolve_preset
 from fedanom.common.privacy import PrivacyLedger
 from fedanom.common.scoring import AGGREGATIONS, aggregate, event_surprise
+from fedanom.common.settings import BackboneConfig, LoraSettings, TrainSettings
 from fedanom.common.windows import Windows
 from fedanom.simulations.attacks import ATTACKS, inject
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
@@ -153,7 +154,7 @@ def batch_sweep(windows: Windows, devices: list[torch.device]) -> list[dict[str,
     where a GPU starts to pay off."""
     rows: list[dict[str, object]] = []
     for device in devices:
-        base = BackboneConfig().build(device=device)
+        base = build_backbone(BackboneConfig(), device=device)
         for batch_size in (64, 256, 1024):
             row: dict[str, object] = {"device": device.type, "batch_size": batch_size}
             seconds = train_step_seconds(base, windows, device, dp=False, batch_size=batch_size)
@@ -176,7 +177,7 @@ def lora_sweep(device: torch.device, workdir: Path, sample: Windows) -> dict[str
         if not settings.ffa:
             continue  # FFA-LoRA is the federated default; plain LoRA's quality is in the main run
         summary, _ = quality("llama", device, workdir, settings)
-        base = BackboneConfig().build(device=device)
+        base = build_backbone(BackboneConfig(), device=device)
         steps = {
             mode: train_step_seconds(base, sample, device, dp=mode == "dp", lora=settings)
             for mode in ("plain", "dp")
@@ -194,7 +195,7 @@ def dp_child(arch: str, dp: bool, shared: Path) -> None:
     """One training mode in a fresh process: its step time and the memory training itself added."""
     real = Windows.concat([windows_of_file(shared / name, preset) for preset, name in REAL])
     sample = real.select(np.arange(min(20_000, real.n_windows)))
-    backbone = BackboneConfig(architecture=arch).build()  # step times do not depend on the weights
+    backbone = build_backbone(BackboneConfig(architecture=arch))  # step times do not depend on the weights
     before = rss_mb()
     seconds = train_step_seconds(backbone, sample, torch.device("cpu"), dp=dp)
     print(json.dumps({"step_s": seconds, "rss_before_mb": before, "peak_mb": peak_rss_mb()}))
@@ -210,7 +211,7 @@ def quality(
     write_taobao_csv(frame, workdir / "merchant.csv")
     kind_of = dict(zip(frame.user_id.astype(str), frame.attack, strict=False))
 
-    base = BackboneConfig(architecture=arch).build(device=device)
+    base = build_backbone(BackboneConfig(architecture=arch), device=device)
     started = time.perf_counter()
     pre = train_model(
         base,

@@ -41,8 +41,9 @@ from flwr.simulation import run_simulation
 from fedanom.client.app import app as client_app
 from fedanom.common.artifact import save_backbone
 from fedanom.common.flower import free_port
-from fedanom.common.model import BackboneConfig, attach_lora, trainable_state
+from fedanom.common.model import attach_lora, build_backbone, trainable_state
 from fedanom.common.records import to_record
+from fedanom.common.settings import BackboneConfig
 from fedanom.server.app import build_app
 from fedanom.simulations.attacks import inject
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
@@ -54,9 +55,9 @@ def traffic() -> dict[str, dict[str, float]]:
         ("default d=64 x2", BackboneConfig()),
         ("d=256 x4", BackboneConfig(d_model=256, n_layers=4)),
     ):
-        backbone_bytes = sum(p.numel() * p.element_size() for p in config.build().parameters())
+        backbone_bytes = sum(p.numel() * p.element_size() for p in build_backbone(config).parameters())
         for name, settings in ADAPTERS.items():
-            update = trainable_state(attach_lora(config.build(), settings))
+            update = trainable_state(attach_lora(build_backbone(config), settings))
             sent = to_record(update).count_bytes()
             out[f"{label}, {name}"] = {
                 "update_bytes": sent,
@@ -69,7 +70,7 @@ def traffic() -> dict[str, dict[str, float]]:
 def merchants(workdir: Path, n: int = 3, events: int = 20_000) -> list[str]:
     """The backbone in workdir/base and n merchants of `events` events each."""
     if not (workdir / "base").exists():
-        save_backbone(BackboneConfig().build(), workdir / "base", {"benchmark": True})
+        save_backbone(build_backbone(BackboneConfig()), workdir / "base", {"benchmark": True})
     files = []
     for i in range(n):
         config = ShopConfig(n_events=events, n_users=events // 10, n_items=events // 4)

@@ -30,7 +30,7 @@ from peft import PeftModel
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from fedanom.client.detector import DEFAULT_AGGREGATION, BehaviourDetector
-from fedanom.client.training import TrainSettings, train_model
+from fedanom.client.training import train_model
 from fedanom.common.artifact import backbone_hash, install_backbone, load_backbone
 from fedanom.common.errors import FedanomError
 from fedanom.common.ingest import ingest
@@ -51,6 +51,7 @@ from fedanom.common.records import (
     to_record,
 )
 from fedanom.common.sessions import SessionConfig
+from fedanom.common.settings import TrainSettings
 from fedanom.common.tokens import Popularity
 from fedanom.common.windows import Windows
 

@@ -1,4 +1,8 @@
-"""`fedanom train` and `fedanom score`: what a merchant runs on its own machine."""
+"""`fedanom train`, `fedanom score` and `fedanom client`: what a merchant runs on its own machine.
+
+The model stack (torch, transformers, peft, Opacus) is imported inside the commands that use it, after
+the data has been read, so `--help` and a user's mistake answer in about a second.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,10 @@ import numpy as np
 import pandas as pd
 import typer
 
-from fedanom.client.detector import BehaviourDetector
-from fedanom.client.training import TrainSettings
-from fedanom.common.artifact import backbone_hash
 from fedanom.common.errors import FedanomError
 from fedanom.common.flower import check_transport, flower_environment, split_address
 from fedanom.common.labels import load_label_table, read_labels
-from fedanom.common.model import LoraSettings
-from fedanom.common.privacy import PrivacyLedger
-from fedanom.common.scoring import explain
+from fedanom.common.settings import LoraSettings, TrainSettings
 from fedanom.common.windows import Windows
 from fedanom.options import (
     DataSource,
@@ -75,6 +74,9 @@ def train(
     device: DeviceOption = None,
 ) -> None:
     """Fit a detector on this merchant's own events, with DP: adapter + calibration, saved to --out."""
+    from fedanom.client.detector import BehaviourDetector
+    from fedanom.common.privacy import PrivacyLedger
+
     session = session_config(session_gap, window)
     ingested = source.read(default_quarantine=out.with_name(out.name + ".quarantine.csv"), config=session)
     windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
@@ -134,6 +136,9 @@ def score(
     device: DeviceOption = None,
 ) -> None:
     """Score every session of a file: id, user, score, rank, flag (and why, with --explain)."""
+    from fedanom.client.detector import BehaviourDetector
+    from fedanom.common.scoring import explain
+
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise FedanomError(f"--out {out} must end in .csv or .parquet")
     detector = BehaviourDetector.load(model, device)
@@ -230,6 +235,9 @@ def client(
     ] = None,
 ) -> None:
     """Join a federation as a merchant: a Flower SuperNode training on this data with DP (Ctrl-C leaves)."""
+    from fedanom.common.artifact import backbone_hash
+    from fedanom.common.privacy import PrivacyLedger
+
     if (
         source.mapping
         or source.sep

@@ -17,7 +17,7 @@ import torch
 from peft import PeftModel
 from sklearn.metrics import average_precision_score
 
-from fedanom.client.training import TrainReport, TrainSettings, train_model
+from fedanom.client.training import TrainReport, train_model
 from fedanom.common.artifact import (
     Calibration,
     DetectorSpec,
@@ -29,10 +29,11 @@ from fedanom.common.artifact import (
     save_detector,
 )
 from fedanom.common.errors import FedanomError
-from fedanom.common.model import LoraSettings, architecture_of, attach_lora, pick_device
+from fedanom.common.model import architecture_of, attach_lora, pick_device
 from fedanom.common.privacy import PrivacyLedger
 from fedanom.common.scoring import AGGREGATIONS, Surprise, aggregate, event_surprise, explain
 from fedanom.common.sessions import SessionConfig
+from fedanom.common.settings import LoraSettings, TrainSettings
 from fedanom.common.tokens import Popularity
 from fedanom.common.windows import Windows
 

@@ -23,21 +23,10 @@ from torch.utils.data import DataLoader, Dataset
 from fedanom.common.errors import FedanomError
 from fedanom.common.model import forward, pad_batch
 from fedanom.common.privacy import PrivacyLedger
+from fedanom.common.settings import TrainSettings
 from fedanom.common.windows import Windows
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch")  # "ew" fails on HF models; ghost needs its own loss wrapper
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    epochs: float = 3.0
-    batch_size: int = 64  # expected batch size (Poisson sampling under DP)
-    # Adam under DP-SGD noise: at 0.02 the anomaly head hardly learned in two rounds (BENCHMARKS.md)
-    learning_rate: float = 5e-2
-    max_grad_norm: float = 1.0  # per-session clipping bound
-    dp: bool = True
-    grad_sample_mode: str = "hooks"
-    seed: int = 0
 
 
 @dataclass

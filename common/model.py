@@ -11,7 +11,7 @@ averaging B across merchants averages the adapters exactly.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,32 +19,24 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from fedanom.common.errors import FedanomError
+from fedanom.common.settings import BackboneConfig, LoraSettings
 from fedanom.common.tokens import BOS, EOS, PAD, VOCAB_SIZE
 
 HEAD = "anomaly_head"
 
 
-@dataclass(frozen=True)
-class BackboneConfig:
-    """Size and shape of the behaviour transformer."""
-
-    architecture: str = "llama"  # see ARCHITECTURES; chosen by measurement (BENCHMARKS.md)
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    max_events: int = 128  # the session window; positions = window + <bos> + <eos>
-    dropout: float = 0.0
-
-    def build(self, seed: int = 0, device: torch.device | str = "cpu") -> PreTrainedModel:
-        """A freshly initialised backbone (weights drawn from `seed`) on `device`."""
-        if self.architecture not in ARCHITECTURES:
-            raise FedanomError(
-                f"unknown architecture '{self.architecture}'; choose from {', '.join(ARCHITECTURES)}"
-            )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = ARCHITECTURES[self.architecture].build(self)
-        return model.to(device)  # type: ignore[arg-type]  # transformers types .to() for dtypes only
+def build_backbone(
+    config: BackboneConfig, seed: int = 0, device: torch.device | str = "cpu"
+) -> PreTrainedModel:
+    """A freshly initialised backbone (weights drawn from `seed`) on `device`."""
+    if config.architecture not in ARCHITECTURES:
+        raise FedanomError(
+            f"unknown architecture '{config.architecture}'; choose from {', '.join(ARCHITECTURES)}"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ARCHITECTURES[config.architecture].build(config)
+    return model.to(device)  # type: ignore[arg-type]  # transformers types .to() for dtypes only
 
 
 @dataclass(frozen=True)
@@ -97,21 +89,6 @@ ARCHITECTURES: dict[str, Architecture] = {
         fan_in_fan_out=False,
     ),
 }
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """The adapter every merchant trains."""
-
-    rank: int = 8
-    alpha: int = 16
-    targets: tuple[str, ...] = field(default=())  # empty: the architecture's linear layers
-    ffa: bool = True  # FFA-LoRA: A frozen (shared seed), only B trained and sent
-    seed: int = 0  # draws A; must be the same for every merchant of a federation
-    supervised_head: bool = False  # a trained anomaly logit, for merchants with labelled sessions
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 def architecture_of(model: torch.nn.Module) -> str:

@@ -13,38 +13,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedanom.common.errors import FedanomError
-from fedanom.common.model import LoraSettings
-
-# The federation's run config with its defaults. pyproject.toml's [tool.flwr.app.config] repeats them
-# for `flwr run` (a test keeps the two equal); `fedanom server` / `simulate` override them.
-RUN_DEFAULTS: dict[str, bool | float | int | str] = {
-    "num-server-rounds": 3,
-    "fraction-train": 1.0,
-    "min-nodes": 2,
-    "expect-nodes": 0,
-    "round-timeout": 600.0,
-    "aggregation": "fedavg",
-    "norm-bound": 0.0,
-    "resume": False,
-    "run-dir": "runs/default",
-    "base": "base",
-    "epsilon": 8.0,
-    "sim-data": "",
-    "sim-preset": "",
-    "sim-state-root": "runs/sim-state",
-    "sim-labels": "",
-    "local-epochs": 1.0,
-    "batch-size": 64,
-    "learning-rate": 0.05,
-    "max-grad-norm": 1.0,
-    "lora-rank": 8,
-    "lora-alpha": 16,
-    "lora-seed": 0,
-    "lora-targets": "",
-    "supervised-head": False,
-    "dp": True,
-}
-
+from fedanom.common.settings import RUN_DEFAULTS, LoraSettings
 
 # What a merchant reports: the whole list. After training a round, all of TRAIN_METRICS; after evaluating
 # the global adapter, "num-examples" and "val-surprise", plus "val-auroc" / "val-auprc" when it holds labels.

@@ -7,6 +7,7 @@ exit code 1, never a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -15,7 +16,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
-from transformers.utils import logging as hf_logging
 
 from fedanom.client.commands import client, score, train
 from fedanom.common.check import DataSummary, summarize
@@ -23,8 +23,7 @@ from fedanom.common.errors import FedanomError
 from fedanom.common.presets import PRESETS
 from fedanom.common.tokens import VOCAB_VERSION
 from fedanom.options import DataSource, data_options, err, session_config
-from fedanom.server.commands import server
-from fedanom.server.pretrain import pretrain
+from fedanom.server.commands import pretrain, server
 from fedanom.simulations.commands import simulate
 
 app = typer.Typer(
@@ -137,8 +136,9 @@ def run() -> None:
     """Console entry point."""
     for message in QUIET:
         warnings.filterwarnings("ignore", message=message)
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    # read by transformers / huggingface_hub when first imported: the model stack loads after this
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except FedanomError as exc:

@@ -1,24 +1,29 @@
-"""`fedanom server`: the operator's federated run on a real Flower SuperLink.
+"""What the operator runs: `fedanom server` (below) and `fedanom pretrain` (at the end).
 
-It starts `flower-superlink`, writes the Flower app (a pyproject naming fedanom's installed ServerApp and
-ClientApp) and a Flower CLI connection under the run directory, launches the run with `flwr run`
-(so `flwr ls` / `flwr log` work against it with FLWR_HOME=<run-dir>/flwr-home), waits for it and stops
-the SuperLink. Merchants join with `fedanom client`.
+`fedanom server` is the federated run on a real Flower SuperLink. It starts `flower-superlink`, writes
+the Flower app (a pyproject naming fedanom's installed ServerApp and ClientApp) and a Flower CLI
+connection under the run directory, launches the run with `flwr run` (so `flwr ls` / `flwr log` work
+against it with FLWR_HOME=<run-dir>/flwr-home), waits for it and stops the SuperLink. Merchants join
+with `fedanom client`. The model stack is imported inside the commands, after their options are
+checked, so `--help` and a mistake answer in about a second.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Annotated
 
 import typer
 
-from fedanom.common.artifact import backbone_hash
 from fedanom.common.errors import FedanomError
 from fedanom.common.flower import check_transport, flower_environment, split_address, wait_for_port
-from fedanom.common.records import RUN_DEFAULTS
+from fedanom.common.sessions import SessionConfig
+from fedanom.common.settings import ARCHITECTURE_NAMES, RUN_DEFAULTS, BackboneConfig, TrainSettings
+from fedanom.common.windows import Windows
+from fedanom.options import DataSource, DeviceOption, data_options, err
 from fedanom.server.aggregation import AGGREGATORS
 
 CONNECTION = "fedanom"
@@ -124,6 +129,8 @@ def server(
     ] = None,
 ) -> None:
     """Run a federation: a Flower SuperLink, rounds of merchants' DP adapters, a global detector."""
+    from fedanom.common.artifact import backbone_hash
+
     backbone_hash(base)  # a clear error now rather than in every merchant later
     if aggregation not in AGGREGATORS:
         raise FedanomError(f"--aggregation must be one of {', '.join(AGGREGATORS)}")
@@ -225,4 +232,55 @@ def server(
     typer.echo(
         f"federation finished: {len(done)} rounds, {rejected} updates rejected; "
         f"global adapter in {run_dir / 'global' / 'adapter'}, checkpoints in {run_dir}"
+    )
+
+
+DEFAULT_BACKBONE = BackboneConfig()
+
+
+@data_options()
+def pretrain(
+    source: DataSource,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Backbone directory to write.")],
+    architecture: Annotated[
+        str, typer.Option("--architecture", help=f"One of {', '.join(ARCHITECTURE_NAMES)}.")
+    ] = DEFAULT_BACKBONE.architecture,
+    d_model: Annotated[int, typer.Option("--d-model")] = DEFAULT_BACKBONE.d_model,
+    layers: Annotated[int, typer.Option("--layers")] = DEFAULT_BACKBONE.n_layers,
+    heads: Annotated[int, typer.Option("--heads")] = DEFAULT_BACKBONE.n_heads,
+    window: Annotated[
+        int, typer.Option("--window", help="Most events in one window.")
+    ] = DEFAULT_BACKBONE.max_events,
+    epochs: Annotated[float, typer.Option("--epochs")] = 2.0,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    learning_rate: Annotated[float, typer.Option("--learning-rate")] = 3e-3,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    base_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--base-model", help="Start from this causal-LM directory (any over the behaviour vocabulary)."
+        ),
+    ] = None,
+    device: DeviceOption = None,
+) -> None:
+    """Pretrain the behaviour backbone on normal traffic; write it with save_pretrained and a hash."""
+    from fedanom.common.artifact import save_backbone
+    from fedanom.server.pretrain import pretrain_backbone
+
+    config = BackboneConfig(
+        architecture=architecture, d_model=d_model, n_layers=layers, n_heads=heads, max_events=window
+    )
+    ingested = source.read(
+        default_quarantine=out.with_name(out.name + ".quarantine.csv"), config=SessionConfig(window=window)
+    )
+    windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
+    err.print(f"pretraining a {architecture} backbone on {windows.n_windows:,} sessions from {source.data}")
+    settings = TrainSettings(
+        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, dp=False, seed=seed
+    )
+    model, metrics = pretrain_backbone(windows, config, settings, start_from=base_model, device=device)
+    digest = save_backbone(model, out, {"data": source.data.name, "config": asdict(config), **metrics})
+    typer.echo(
+        f"backbone written to {out} (hash {digest[:12]}): held-out surprise "
+        f"{metrics['held_out_nll_per_event']:.3f} nats/event after {metrics['steps']} steps"
     )

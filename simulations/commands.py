@@ -3,7 +3,8 @@
 With no `--data` it needs no files: synthetic merchants of falling size with their own catalogues. With
 `--data FILE:PRESET` (repeatable) each real export is one merchant; a single file with `--partition`
 is split among `--merchants`. The backbone is pretrained on a separate synthetic "public" shop (the
-operator's public data) unless `--base` names one.
+operator's public data) unless `--base` names one. The model stack and Flower are imported once the
+options are checked, so a mistake is answered in about a second.
 """
 
 from __future__ import annotations
@@ -16,18 +17,13 @@ from typing import Annotated
 import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from fedanom.client.training import TrainSettings
-from fedanom.common.artifact import save_backbone
 from fedanom.common.errors import FedanomError
 from fedanom.common.ingest import ingest
-from fedanom.common.model import BackboneConfig
 from fedanom.common.presets import PRESETS, resolve_preset
+from fedanom.common.settings import BackboneConfig, TrainSettings
 from fedanom.common.windows import Windows
 from fedanom.options import err
-from fedanom.server.pretrain import pretrain_backbone
 from fedanom.simulations.calibration import behaviour_stats
-from fedanom.simulations.compare import load_sessions, metrics, run_all
-from fedanom.simulations.report import write_report
 from fedanom.simulations.scenario import (
     TEST_SHARE,
     partition,
@@ -100,6 +96,9 @@ def simulate(
     count = len(shop_events) if not sources else merchants if partition_spec else len(sources)
     if not 0 <= unlabelled <= count:
         raise FedanomError(f"--unlabelled {unlabelled}: choose between 0 and the {count} merchants")
+    from fedanom.simulations.compare import load_sessions, metrics, run_all
+    from fedanom.simulations.report import write_report
+
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
@@ -196,6 +195,9 @@ PUBLIC_SHOP = ShopConfig(
 
 
 def _pretrain(work: Path, config: BackboneConfig, seed: int) -> Path:
+    from fedanom.common.artifact import save_backbone
+    from fedanom.server.pretrain import pretrain_backbone
+
     public = generate_shop(PUBLIC_SHOP, seed=seed + 10_000)
     ingested = ingest(write_taobao_csv(public, work / "public.csv"), resolve_preset("taobao"))
     windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)

@@ -33,12 +33,10 @@ from flwr.simulation import run_simulation
 
 from fedanom.client.app import Merchant, make_client_app
 from fedanom.client.detector import BehaviourDetector
-from fedanom.client.training import TrainSettings
 from fedanom.common.ingest import ingest
-from fedanom.common.model import LoraSettings
 from fedanom.common.presets import resolve_preset
 from fedanom.common.privacy import PrivacyLedger
-from fedanom.common.records import RUN_DEFAULTS
+from fedanom.common.settings import RUN_DEFAULTS, LoraSettings, TrainSettings
 from fedanom.common.tokens import Popularity
 from fedanom.common.windows import Windows
 from fedanom.server.app import build_app

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from fedanom.client.training import TrainSettings
 from fedanom.common.artifact import save_backbone
 from fedanom.common.ingest import ingest
-from fedanom.common.model import BackboneConfig
 from fedanom.common.presets import resolve_preset
+from fedanom.common.settings import BackboneConfig, TrainSettings
 from fedanom.common.windows import Windows
 from fedanom.server.pretrain import pretrain_backbone
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fedanom.common.model import ARCHITECTURES
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
 
 
@@ -75,6 +76,21 @@ def test_user_mistakes_give_one_line_and_no_traceback(shop_csv: Path, tmp_path: 
         assert result.returncode == 1, args
         assert "Traceback" not in result.stderr
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_the_command_line_answers_without_loading_the_model_stack(tmp_path: Path) -> None:
+    """`--help` and a user's mistake must not wait for torch, transformers, peft, Opacus and Flower to load
+    (8 s here): the commands import them after their options are checked, and take their defaults from
+    `common.settings`, which must then name every architecture the model can build."""
+    heavy = ("torch", "transformers", "peft", "opacus", "flwr", "sklearn", "matplotlib")
+    probe = (
+        "import sys; from fedanom import cli; from fedanom.common.settings import ARCHITECTURE_NAMES; "
+        f"print([m for m in {heavy} if m in sys.modules]); print(sorted(ARCHITECTURE_NAMES))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    loaded, names = result.stdout.splitlines()
+    assert loaded == "[]"
+    assert names == str(sorted(ARCHITECTURES))
 
 
 def test_no_bare_top_level_packages_are_installed(tmp_path: Path) -> None:

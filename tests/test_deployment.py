@@ -31,8 +31,9 @@ from fedanom.common.artifact import backbone_hash, save_backbone
 from fedanom.common.flower import flower_environment, free_port
 from fedanom.common.ingest import ingest
 from fedanom.common.labels import read_labels
-from fedanom.common.model import BackboneConfig
+from fedanom.common.model import build_backbone
 from fedanom.common.presets import resolve_preset
+from fedanom.common.settings import BackboneConfig
 from fedanom.common.windows import Windows
 from fedanom.simulations.attacks import inject
 from fedanom.simulations.real import real_shop
@@ -211,7 +212,9 @@ def test_plain_text_outside_loopback_is_refused(tmp_path: Path) -> None:
     (tmp_path / "x.csv").write_text(
         "user_id,timestamp,event_type,item_id\nu,1700000000,view,i\nu,1700000001,view,j\n"
     )
-    save_backbone(BackboneConfig(d_model=16, n_layers=1, n_heads=2).build(), tmp_path / "b", {"test": True})
+    save_backbone(
+        build_backbone(BackboneConfig(d_model=16, n_layers=1, n_heads=2)), tmp_path / "b", {"test": True}
+    )
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert (
         result.returncode == 1
@@ -228,7 +231,7 @@ def test_over_tls_only_registered_supernodes_join(tmp_path: Path) -> None:
         ["bash", str(script), str(tmp_path / "certs"), "--nodes", "2"], check=True, capture_output=True
     )
     save_backbone(
-        BackboneConfig(d_model=16, n_layers=1, n_heads=2).build(), tmp_path / "base", {"test": True}
+        build_backbone(BackboneConfig(d_model=16, n_layers=1, n_heads=2)), tmp_path / "base", {"test": True}
     )
     shop = generate_shop(ShopConfig(n_events=1_500, n_users=200, n_items=500), seed=99)
     write_taobao_csv(shop, tmp_path / "m.csv")

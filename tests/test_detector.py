@@ -16,13 +16,13 @@ from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForCausalLM
 
 from fedanom.client.detector import BehaviourDetector
-from fedanom.client.training import TrainSettings
 from fedanom.common.artifact import save_backbone
 from fedanom.common.errors import FedanomError
 from fedanom.common.ingest import ingest
-from fedanom.common.model import BackboneConfig, LoraSettings, next_token_nll, pad_batch
+from fedanom.common.model import build_backbone, next_token_nll, pad_batch
 from fedanom.common.presets import resolve_preset
 from fedanom.common.privacy import PrivacyLedger
+from fedanom.common.settings import BackboneConfig, LoraSettings, TrainSettings
 from fedanom.common.tokens import Popularity
 from fedanom.common.windows import Windows
 from fedanom.server.pretrain import pretrain_backbone
@@ -148,13 +148,13 @@ def test_a_different_backbone_is_refused(fitted: Fitted, tmp_path: Path) -> None
         fitted.detector.save(tmp_path / "det")
     finally:
         fitted.detector.backbone_dir = fitted.base
-    save_backbone(BackboneConfig().build(seed=7), tmp_path / "base", {"test": "another"})
+    save_backbone(build_backbone(BackboneConfig(), seed=7), tmp_path / "base", {"test": "another"})
     with pytest.raises(FedanomError, match="not the one this detector was trained on"):
         BehaviourDetector.load(tmp_path / "det")
 
 
 def test_any_compatible_model_directory_can_be_the_backbone(tmp_path: Path) -> None:
-    plain = BackboneConfig(d_model=32, n_layers=1, n_heads=2).build(seed=3)
+    plain = build_backbone(BackboneConfig(d_model=32, n_layers=1, n_heads=2), seed=3)
     plain.save_pretrained(tmp_path / "hf")  # plain transformers output, no fedanom metadata
     shop = windows_of(
         generate_shop(ShopConfig(n_events=3_000, n_users=300, n_items=900), seed=4), tmp_path / "s.csv"

@@ -31,7 +31,8 @@ from fedanom.common.errors import FedanomError
 from fedanom.common.ingest import ingest
 from fedanom.common.model import HEAD
 from fedanom.common.presets import resolve_preset
-from fedanom.common.records import HAS_BACKBONE, RUN_DEFAULTS, flag, lora_settings, to_numpy, to_record
+from fedanom.common.records import HAS_BACKBONE, flag, lora_settings, to_numpy, to_record
+from fedanom.common.settings import RUN_DEFAULTS
 from fedanom.common.windows import Windows
 from fedanom.server.app import build_app
 from fedanom.simulations.attacks import inject

@@ -10,14 +10,14 @@ import torch
 from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader
 
-from fedanom.client.training import Example, TrainSettings, collate, make_private, sequence_loss, train_model
-from fedanom.common.model import BackboneConfig, LoraSettings, attach_lora, pad_batch, trainable_state
+from fedanom.client.training import Example, collate, make_private, sequence_loss, train_model
+from fedanom.common.model import attach_lora, build_backbone, pad_batch, trainable_state
 from fedanom.common.privacy import BudgetExhausted, PrivacyLedger
+from fedanom.common.settings import ARCHITECTURE_NAMES, BackboneConfig, LoraSettings, TrainSettings
 from fedanom.common.tokens import BOS, EOS
 from fedanom.common.windows import Windows
 
 TINY = BackboneConfig(d_model=32, n_layers=1, n_heads=2, max_events=16, dropout=0.0)
-ARCHITECTURES = ["llama", "gpt2"]
 # CUDA joins where a GPU is present (a merchant's GPU path runs the same DP arithmetic); CI has none.
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
@@ -46,7 +46,7 @@ def toy_windows(n: int, seed: int = 0) -> Windows:
     )
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("architecture", ARCHITECTURE_NAMES)
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
 @pytest.mark.parametrize(("ffa", "head"), [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("device", DEVICES)
@@ -57,7 +57,7 @@ def test_dp_gradient_is_the_mean_of_per_example_gradients(
     (adapter, and the supervised head trained on labels)."""
     config = BackboneConfig(**{**TINY.__dict__, "architecture": architecture})
     model = attach_lora(
-        config.build(seed=1, device=device), LoraSettings(rank=4, ffa=ffa, supervised_head=head)
+        build_backbone(config, seed=1, device=device), LoraSettings(rank=4, ffa=ffa, supervised_head=head)
     )
     # give B non-zero values so every LoRA parameter has a non-trivial gradient
     with torch.no_grad():
@@ -99,7 +99,7 @@ def test_dp_gradient_is_the_mean_of_per_example_gradients(
 
 
 def test_one_dp_step_changes_the_adapter_and_only_b_under_ffa() -> None:
-    model = attach_lora(TINY.build(seed=1), LoraSettings(rank=4, ffa=True))
+    model = attach_lora(build_backbone(TINY, seed=1), LoraSettings(rank=4, ffa=True))
     a_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
     before = trainable_state(model)
     assert before and all("lora_B" in n for n in before)
@@ -116,7 +116,7 @@ def test_one_dp_step_changes_the_adapter_and_only_b_under_ffa() -> None:
 def test_reported_epsilon_is_the_accountants_for_the_steps_taken(tmp_path: Path) -> None:
     ledger = PrivacyLedger.open(tmp_path, epsilon_budget=4.0, delta=1e-3)
     report = train_model(
-        attach_lora(TINY.build(), LoraSettings(rank=2)),
+        attach_lora(build_backbone(TINY), LoraSettings(rank=2)),
         toy_windows(300),
         TrainSettings(epochs=1.0, batch_size=30),
         ledger=ledger,
@@ -132,7 +132,7 @@ def test_reported_epsilon_is_the_accountants_for_the_steps_taken(tmp_path: Path)
 
 
 def test_the_budget_is_never_exceeded_across_runs(tmp_path: Path) -> None:
-    model = attach_lora(TINY.build(), LoraSettings(rank=2))
+    model = attach_lora(build_backbone(TINY), LoraSettings(rank=2))
     windows = toy_windows(100)
     spent = []
     with pytest.raises(BudgetExhausted, match="privacy budget exhausted"):

@@ -1,0 +1,84 @@
+"""Settings with their defaults: the backbone's shape, the adapter, local training, the run config.
+
+Plain data with no torch, transformers or Flower import, so the command line can show these defaults
+in `--help` and check a user's options in a second instead of loading the model stack first. The code
+that builds and trains models (`common.model`, `client.training`) reads them from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+ARCHITECTURE_NAMES = ("gpt2", "llama")  # common.model.ARCHITECTURES builds each (a test keeps them equal)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Size and shape of the behaviour transformer (`common.model.build_backbone` builds it)."""
+
+    architecture: str = "llama"  # one of ARCHITECTURE_NAMES; chosen by measurement (BENCHMARKS.md)
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    max_events: int = 128  # the session window; positions = window + <bos> + <eos>
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The adapter every merchant trains."""
+
+    rank: int = 8
+    alpha: int = 16
+    targets: tuple[str, ...] = field(default=())  # empty: the architecture's linear layers
+    ffa: bool = True  # FFA-LoRA: A frozen (shared seed), only B trained and sent
+    seed: int = 0  # draws A; must be the same for every merchant of a federation
+    supervised_head: bool = False  # a trained anomaly logit, for merchants with labelled sessions
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """One local training run (`client.training.train_model`)."""
+
+    epochs: float = 3.0
+    batch_size: int = 64  # expected batch size (Poisson sampling under DP)
+    # Adam under DP-SGD noise: at 0.02 the anomaly head hardly learned in two rounds (BENCHMARKS.md)
+    learning_rate: float = 5e-2
+    max_grad_norm: float = 1.0  # per-session clipping bound
+    dp: bool = True
+    grad_sample_mode: str = "hooks"
+    seed: int = 0
+
+
+# The federation's run config with its defaults. pyproject.toml's [tool.flwr.app.config] repeats them
+# for `flwr run` (a test keeps the two equal); `fedanom server` / `simulate` override them.
+RUN_DEFAULTS: dict[str, bool | float | int | str] = {
+    "num-server-rounds": 3,
+    "fraction-train": 1.0,
+    "min-nodes": 2,
+    "expect-nodes": 0,
+    "round-timeout": 600.0,
+    "aggregation": "fedavg",
+    "norm-bound": 0.0,
+    "resume": False,
+    "run-dir": "runs/default",
+    "base": "base",
+    "epsilon": 8.0,
+    "sim-data": "",
+    "sim-preset": "",
+    "sim-state-root": "runs/sim-state",
+    "sim-labels": "",
+    "local-epochs": 1.0,
+    "batch-size": 64,
+    "learning-rate": 0.05,
+    "max-grad-norm": 1.0,
+    "lora-rank": 8,
+    "lora-alpha": 16,
+    "lora-seed": 0,
+    "lora-targets": "",
+    "supervised-head": False,
+    "dp": True,
+}
