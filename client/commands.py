@@ -1,7 +1,7 @@
 """`fedanom train`, `fedanom score` and `fedanom client`: what a merchant runs on its own machine.
 
-The model stack (torch, transformers, peft, Opacus) is imported inside the commands that use it, after
-the data has been read, so `--help` and a user's mistake answer in about a second.
+The model stack (torch, transformers, peft, Opacus) is imported inside the commands that use it, not
+when the command line starts, so `--help` and Typer's own option errors answer in under a second.
 """
 
 from __future__ import annotations

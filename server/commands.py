@@ -4,8 +4,8 @@
 the Flower app (a pyproject naming fedanom's installed ServerApp and ClientApp) and a Flower CLI
 connection under the run directory, launches the run with `flwr run` (so `flwr ls` / `flwr log` work
 against it with FLWR_HOME=<run-dir>/flwr-home), waits for it and stops the SuperLink. Merchants join
-with `fedanom client`. The model stack is imported inside the commands, after their options are
-checked, so `--help` and a mistake answer in about a second.
+with `fedanom client`. The model stack is imported inside the commands, not when the command line
+starts, so `--help` and Typer's own option errors answer in under a second.
 """
 
 from __future__ import annotations
