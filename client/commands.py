@@ -1,7 +1,8 @@
 """`fedanom train`, `fedanom score` and `fedanom client`: what a merchant runs on its own machine.
 
-The model stack (torch, transformers, peft, Opacus) is imported inside the commands that use it, not
-when the command line starts, so `--help` and Typer's own option errors answer in under a second.
+The model stack (torch, transformers, peft, Opacus) is imported inside the commands, once the data has
+been read (`score` needs the detector first), so `--help` and a mistake in the options or the data file
+answer without waiting ~8 s for it to load.
 """
 
 from __future__ import annotations
@@ -74,13 +75,13 @@ def train(
     device: DeviceOption = None,
 ) -> None:
     """Fit a detector on this merchant's own events, with DP: adapter + calibration, saved to --out."""
-    from fedanom.client.detector import BehaviourDetector
-    from fedanom.common.privacy import PrivacyLedger
-
     session = session_config(session_gap, window)
     ingested = source.read(default_quarantine=out.with_name(out.name + ".quarantine.csv"), config=session)
     windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
     known = read_labels(labels, windows) if labels else None
+    from fedanom.client.detector import BehaviourDetector  # the model stack, once the inputs are good
+    from fedanom.common.privacy import PrivacyLedger
+
     detector = BehaviourDetector.from_backbone(
         base,
         ingested.popularity,
@@ -235,9 +236,6 @@ def client(
     ] = None,
 ) -> None:
     """Join a federation as a merchant: a Flower SuperNode training on this data with DP (Ctrl-C leaves)."""
-    from fedanom.common.artifact import backbone_hash
-    from fedanom.common.privacy import PrivacyLedger
-
     if (
         source.mapping
         or source.sep
@@ -249,6 +247,9 @@ def client(
             "a federation client reads its data with --preset only; convert the file or use a preset"
         )
     ingested = source.read(default_quarantine=state_dir / "quarantine.csv")  # fails early, in one sentence
+    from fedanom.common.artifact import backbone_hash  # the model stack, once the data is good
+    from fedanom.common.privacy import PrivacyLedger
+
     if base is not None:
         backbone_hash(base)
     if labels is not None:

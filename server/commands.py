@@ -4,8 +4,8 @@
 the Flower app (a pyproject naming fedanom's installed ServerApp and ClientApp) and a Flower CLI
 connection under the run directory, launches the run with `flwr run` (so `flwr ls` / `flwr log` work
 against it with FLWR_HOME=<run-dir>/flwr-home), waits for it and stops the SuperLink. Merchants join
-with `fedanom client`. The model stack is imported inside the commands, not when the command line
-starts, so `--help` and Typer's own option errors answer in under a second.
+with `fedanom client`. The model stack is imported inside the commands (`pretrain`: once its data has
+been read), so `--help` and a mistake in the options answer without waiting ~8 s for it to load.
 """
 
 from __future__ import annotations
@@ -264,9 +264,6 @@ def pretrain(
     device: DeviceOption = None,
 ) -> None:
     """Pretrain the behaviour backbone on normal traffic; write it with save_pretrained and a hash."""
-    from fedanom.common.artifact import save_backbone
-    from fedanom.server.pretrain import pretrain_backbone
-
     config = BackboneConfig(
         architecture=architecture, d_model=d_model, n_layers=layers, n_heads=heads, max_events=window
     )
@@ -274,6 +271,9 @@ def pretrain(
         default_quarantine=out.with_name(out.name + ".quarantine.csv"), config=SessionConfig(window=window)
     )
     windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
+    from fedanom.common.artifact import save_backbone  # the model stack, once the data is good
+    from fedanom.server.pretrain import pretrain_backbone
+
     err.print(f"pretraining a {architecture} backbone on {windows.n_windows:,} sessions from {source.data}")
     settings = TrainSettings(
         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, dp=False, seed=seed
