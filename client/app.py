@@ -232,7 +232,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     calibrated on them, in the state directory for `fedanom score`."""
     config = msg.content.config_records["config"]
     merchant = Merchant.from_context(context, config)
-    _, validation, popularity = merchant.windows()
+    train_windows, validation, popularity = merchant.windows()
     model = global_model(merchant, config, msg.content.array_records["arrays"])
     detector = BehaviourDetector(
         model,
@@ -248,7 +248,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
     # known attacks choose the score aggregation and are left out of the threshold, as in `fedanom train`
     known = read_labels(merchant.labels, validation) if merchant.labels is not None else None
-    surprise = detector.calibrate(validation, known, ALERT_RATE)
+    surprise = detector.calibrate(validation, known, ALERT_RATE, training=train_windows)
     values: Metrics = {"num-examples": validation.n_windows, "val-surprise": float(np.mean(surprise.event))}
     if known is not None and 0 < known.sum() < len(known):
         scores = detector.combine(surprise, validation)

@@ -117,7 +117,8 @@ def train(
         privacy = f"ε={report.epsilon_spent:.2f} of {epsilon:g} spent (δ={report.delta:.2g})"
     typer.echo(
         f"detector written to {out}: {report.steps} steps, loss {report.mean_loss:.3f}, {privacy}; "
-        f"score = {detector.aggregation} event surprise, threshold {detector.threshold():.3f} "
+        f"score = context + {detector.aggregation} event surprise with session features, "
+        f"threshold {detector.threshold():.3f} "
         f"at {alert_rate:.1%} alerts"
     )
 
@@ -128,7 +129,10 @@ def score(
     model: Annotated[Path, typer.Option("--model", "-m", help="Detector directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Scores file: .csv or .parquet.")],
     explain_events: Annotated[
-        bool, typer.Option("--explain", help="Add the most surprising events of each session, in words.")
+        bool,
+        typer.Option(
+            "--explain", help="Add the most surprising events and features of each session, in words."
+        ),
     ] = False,
     alert_rate: Annotated[
         float | None,
@@ -152,7 +156,7 @@ def score(
     parts = []
     with progress_bar("scoring", total=ingested.builder.n_partitions, unit_bytes=False) as bar:
         for batch in ingested.batches():
-            windows = Windows.from_batches([batch], detector.popularity, ingested.report)
+            windows = Windows.from_batches([batch], ingested.popularity, ingested.report)
             surprise = detector.surprise(windows)
             frame = pd.DataFrame(
                 {
@@ -165,7 +169,8 @@ def score(
             )
             if explain_events:
                 frame["explanation"] = [
-                    " | ".join(explain(surprise, windows, i)) for i in range(windows.n_windows)
+                    " | ".join(explain(surprise, windows, i, reference=detector.reference))
+                    for i in range(windows.n_windows)
                 ]
             parts.append(frame)
             bar.advance()

@@ -4,7 +4,8 @@
       detector.json      format, vocabulary version, backbone reference (content hash + where it lies),
                          LoRA and session settings, score aggregation, calibration, provenance, checksums
       adapter/           peft `save_pretrained` output (adapter_config.json, adapter_model.safetensors)
-      popularity.npz     this shop's item popularity buckets (hashed ids; never leaves the merchant)
+      popularity.npz     this shop's item popularity counts (hashed ids; never leaves the merchant)
+      reference.npz      quantiles of this shop's session features (never leaves the merchant)
 
 A backbone directory is `save_pretrained` output plus `fedanom-backbone.json` with its content hash.
 Loading checks every checksum and the backbone hash: a tampered file or a different backbone is a clear
@@ -27,10 +28,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from fedanom.common.errors import FedanomError
+from fedanom.common.features import FeatureReference
 from fedanom.common.model import add_anomaly_head
 from fedanom.common.tokens import VOCAB_SIZE, VOCAB_VERSION, Popularity
 
-DETECTOR_FORMAT = "fedanom-detector/1"
+DETECTOR_FORMAT = "fedanom-detector/2"
 BACKBONE_META = "fedanom-backbone.json"
 QUANTILE_LEVELS = np.linspace(0.0, 1.0, 1001)
 
@@ -160,7 +162,7 @@ class DetectorSpec:
     aggregation: str
     calibration: Calibration
     provenance: dict[str, Any]
-    # with a supervised head: score = z(self-supervised) + z(head), z from normal validation windows
+    # per kind of evidence (sequence, features, head): median and scale on normal validation windows
     score_mix: dict[str, float] | None = None
     vocabulary_version: str = VOCAB_VERSION
     format: str = DETECTOR_FORMAT
@@ -168,12 +170,17 @@ class DetectorSpec:
 
 
 def save_detector(
-    directory: str | Path, model: PeftModel, spec: DetectorSpec, popularity: Popularity
+    directory: str | Path,
+    model: PeftModel,
+    spec: DetectorSpec,
+    popularity: Popularity,
+    reference: FeatureReference,
 ) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory / "adapter"))
     popularity.save(directory / "popularity.npz")
+    reference.save(directory / "reference.npz")
     spec.files = {
         str(p.relative_to(directory)): sha256_file(p)
         for p in sorted(directory.rglob("*"))
@@ -216,7 +223,7 @@ def resolve_backbone_path(directory: Path, spec: DetectorSpec) -> Path:
 
 def load_detector(
     directory: str | Path, device: torch.device | str = "cpu"
-) -> tuple[PeftModel, DetectorSpec, Popularity]:
+) -> tuple[PeftModel, DetectorSpec, Popularity, FeatureReference]:
     directory = Path(directory)
     spec = read_spec(directory)
     backbone_dir = resolve_backbone_path(directory, spec)
@@ -230,7 +237,8 @@ def load_detector(
     if spec.lora.get("supervised_head"):
         add_anomaly_head(backbone)
     model = PeftModel.from_pretrained(backbone, directory / "adapter")
-    return model.to(device), spec, Popularity.load(directory / "popularity.npz")
+    popularity = Popularity.load(directory / "popularity.npz")
+    return model.to(device), spec, popularity, FeatureReference.load(directory / "reference.npz")
 
 
 def relative_or_absolute(target: Path, start: Path) -> str:

@@ -42,8 +42,8 @@ def ingest(
     encoding: str = "utf-8",
     progress: Progress | None = None,
 ) -> Ingested:
-    """Read the whole file once. Popularity comes from the file itself unless a reference is given
-    (scoring a small file against the popularity learnt at training time)."""
+    """Read the whole file once. Popularity comes from the file itself, added to a reference when one
+    is given (scoring later traffic against the popularity counted at training time)."""
     path = Path(path)
     reader = EventReader(
         path,
@@ -62,10 +62,10 @@ def ingest(
     counter = ItemCounter()
     for table in reader:
         builder.add(table)
-        if popularity is None:
-            counter.add(table.column("item").to_numpy())
+        counter.add(table.column("item").to_numpy())
+    own = counter.popularity()
     return Ingested(
         report=reader.report,
-        popularity=popularity if popularity is not None else counter.popularity(),
+        popularity=popularity.updated(own) if popularity is not None else own,
         builder=builder,
     )

@@ -21,7 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from fedanom.common.errors import FedanomError
 from fedanom.common.settings import BackboneConfig, LoraSettings
-from fedanom.common.tokens import BOS, EOS, PAD, VOCAB_SIZE
+from fedanom.common.tokens import BOS, CONTEXT, CONTEXT_OFFSETS, CONTEXT_WIDTHS, EOS, PAD, VOCAB_SIZE
 
 HEAD = "anomaly_head"
 HEAD_PRIOR = 0.01  # the untrained head's attack probability: attacks are rare (1% = the default alert rate)
@@ -51,7 +51,7 @@ class Architecture:
 def _gpt2(c: BackboneConfig) -> PreTrainedModel:
     config = GPT2Config(
         vocab_size=VOCAB_SIZE,
-        n_positions=c.max_events + 2,
+        n_positions=c.max_events + 2 + len(CONTEXT),
         n_embd=c.d_model,
         n_layer=c.n_layers,
         n_head=c.n_heads,
@@ -73,7 +73,7 @@ def _llama(c: BackboneConfig) -> PreTrainedModel:
         num_hidden_layers=c.n_layers,
         num_attention_heads=c.n_heads,
         num_key_value_heads=c.n_heads,
-        max_position_embeddings=c.max_events + 2,
+        max_position_embeddings=c.max_events + 2 + len(CONTEXT),
         attention_dropout=c.dropout,
         tie_word_embeddings=True,
         bos_token_id=BOS,
@@ -173,15 +173,23 @@ def forward(
     """One pass: the NLL (nats) of each token given the ones before it ([batch, width - 1], 0 at
     padding), and the supervised head's logit per sequence when the model has one.
 
-    The output layer (vocabulary-sized, the model's costliest part) runs only at real positions: with
-    sessions of a few events padded to the longest in the batch, that is most of the work saved.
+    Each context token (the sequence's positions 1..len(CONTEXT)) is predicted among its own measure's
+    buckets only, each event among the whole vocabulary. The output layer (vocabulary-sized, the model's
+    costliest part) runs only at real event positions: with sessions of a few events padded to the
+    longest in the batch, that is most of the work saved.
     """
     causal_lm = _unwrap(model)
     hidden = causal_lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    output = causal_lm.get_output_embeddings()
     keep = mask[:, 1:].bool()
-    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
-    nll = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][keep], reduction="none")
-    nll = torch.zeros(keep.shape, dtype=nll.dtype, device=nll.device).masked_scatter(keep, nll)
+    keep[:, : len(CONTEXT)] = False
+    logits = output(hidden[:, :-1][keep]).float()
+    event_nll = torch.nn.functional.cross_entropy(logits, ids[:, 1:][keep], reduction="none")
+    nll = torch.zeros(keep.shape, dtype=event_nll.dtype, device=event_nll.device)
+    nll = nll.masked_scatter(keep, event_nll)
+    for k, (offset, width) in enumerate(zip(CONTEXT_OFFSETS, CONTEXT_WIDTHS, strict=True)):
+        buckets = (hidden[:, k] @ output.weight[offset : offset + width].T).float()
+        nll[:, k] = torch.nn.functional.cross_entropy(buckets, ids[:, k + 1] - offset, reduction="none")
     head = getattr(causal_lm, HEAD, None)
     if head is None:
         return nll, None

@@ -1,9 +1,11 @@
 """From per-event surprise to session scores and plain-words explanations.
 
 `event_surprise` runs the model over windows in length-bucketed batches (little padding, no gradients)
-and returns each event's NLL, plus the NLL of `<eos>` where a session ends. A session score aggregates
-them (higher = more anomalous); which aggregation is chosen on validation data and recorded in the
-detector. `explain` turns the most surprising events back into words.
+and returns each event's NLL, the NLL of `<eos>` where a session ends and that of each context token.
+A window's sequence score is its context's NLL plus an aggregate of its events' (higher = more
+anomalous); which aggregate is chosen on validation data and recorded in the detector. Summing the
+context keeps the evidence a mean over events normalises away: how long, how fast, how regular the
+session is. `explain` turns the most surprising parts back into words.
 """
 
 from __future__ import annotations
@@ -14,18 +16,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedanom.common.features import FeatureReference
 from fedanom.common.model import forward, pad_batch
-from fedanom.common.tokens import decode
+from fedanom.common.tokens import decode, describe_context
 from fedanom.common.windows import Windows
 
 
 @dataclass
 class Surprise:
-    """NLL (nats) of every event (aligned with `Windows.tokens`) and of each window's <eos> (NaN if none);
-    the supervised head's logit per window when the model has one."""
+    """NLL (nats) of every event (aligned with `Windows.tokens`), of each window's <eos> (NaN if none)
+    and of each window's context tokens; the supervised head's logit per window when the model has one."""
 
     event: np.ndarray
     end: np.ndarray
+    context: np.ndarray  # [n_windows, len(tokens.CONTEXT)]
     head: np.ndarray | None = None
 
 
@@ -54,21 +58,23 @@ def event_surprise(
     model.eval()
     event = np.zeros(len(windows.tokens), dtype=np.float32)
     end = np.full(windows.n_windows, np.nan, dtype=np.float32)
+    k = windows.context.shape[1]
+    context = np.zeros((windows.n_windows, k), dtype=np.float32)
     head = None
-    framed_lengths = windows.lengths + 1 + windows.closes_session
-    for group in length_batches(framed_lengths, max_tokens):
+    for group in length_batches(windows.framed_lengths, max_tokens):
         ids, mask = pad_batch([windows.framed(i) for i in group], device)
         nll_t, logit = forward(model, ids, mask)
         nll = nll_t.float().cpu().numpy()
         if logit is not None:
             head = np.zeros(windows.n_windows, dtype=np.float32) if head is None else head
             head[group] = logit.cpu().numpy()
+        context[group] = nll[:, :k]
         for row, i in enumerate(group):
             n = windows.offsets[i + 1] - windows.offsets[i]
-            event[windows.offsets[i] : windows.offsets[i + 1]] = nll[row, :n]
+            event[windows.offsets[i] : windows.offsets[i + 1]] = nll[row, k : k + n]
             if windows.closes_session[i]:
-                end[i] = nll[row, n]
-    return Surprise(event=event, end=end, head=head)
+                end[i] = nll[row, k + n]
+    return Surprise(event=event, end=end, context=context, head=head)
 
 
 def _per_window(surprise: Surprise, windows: Windows) -> list[np.ndarray]:
@@ -93,19 +99,37 @@ AGGREGATIONS: dict[str, Callable[[np.ndarray], float]] = {
 
 
 def aggregate(surprise: Surprise, windows: Windows, how: str) -> np.ndarray:
-    """One score per window."""
+    """The sequence score per window: the surprise of its context (the joint NLL of its length, pace,
+    regularity and item mix) plus the aggregated surprise of its events."""
     combine = AGGREGATIONS[how]
-    return np.array([combine(v) for v in _per_window(surprise, windows)], dtype=np.float64)
+    events = np.array([combine(v) for v in _per_window(surprise, windows)], dtype=np.float64)
+    return surprise.context.sum(1, dtype=np.float64) + events
 
 
-def explain(surprise: Surprise, windows: Windows, i: int, k: int = 3) -> list[str]:
-    """The k most surprising events of window i (the session's end counts as one), in plain words."""
+def explain(
+    surprise: Surprise, windows: Windows, i: int, k: int = 3, reference: FeatureReference | None = None
+) -> list[str]:
+    """The k most surprising things about window i, in plain words: its events (the session's end counts
+    as one), its context and, with the shop's feature reference, its most unusual session features."""
     lo, hi = windows.offsets[i], windows.offsets[i + 1]
-    candidates = [(float(surprise.event[e]), _describe_event(windows, e)) for e in range(lo, hi)]
+    candidates = [
+        (float(nll), f"{describe_context(int(token))}: 1-in-{np.exp(nll):,.0f} under this shop's model")
+        for nll, token in zip(surprise.context[i], windows.context[i], strict=True)
+    ]
+    candidates += [
+        (float(surprise.event[e]), _model_words(surprise.event[e], windows, e)) for e in range(lo, hi)
+    ]
     if not np.isnan(surprise.end[i]):
-        candidates.append((float(surprise.end[i]), "the session ends here"))
+        end = float(surprise.end[i])
+        candidates.append((end, f"the session ends here: 1-in-{np.exp(end):,.0f} under this shop's model"))
+    if reference is not None:
+        candidates += reference.describe(windows.features[i])
     candidates.sort(key=lambda c: -c[0])
-    return [f"{words}: 1-in-{np.exp(nll):,.0f} under this shop's model" for nll, words in candidates[:k]]
+    return [words for _, words in candidates[:k]]
+
+
+def _model_words(nll: float, windows: Windows, e: int) -> str:
+    return f"{_describe_event(windows, e)}: 1-in-{np.exp(nll):,.0f} under this shop's model"
 
 
 def _describe_event(windows: Windows, e: int) -> str:

@@ -20,7 +20,7 @@ class BackboneConfig:
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
-    max_events: int = 128  # the session window; positions = window + <bos> + <eos>
+    max_events: int = 128  # the session window; positions = window + <bos> + context + <eos>
     dropout: float = 0.0
 
 

@@ -44,31 +44,55 @@ FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("popularity", POPULARITY),
 )
 RADICES = tuple(len(values) for _, values in FIELDS)
-VOCAB_SIZE = len(SPECIAL_TOKENS) + int(np.prod(RADICES))
+EVENT_TOKENS = int(np.prod(RADICES))
+
+# Session context: the window's shape in coarse buckets, read right after <bos> and before its events.
+# One token per measure (a session feature, common.features), bucket i holding values from edge i-1 up
+# to edge i. The model learns how likely a window of this length, pace, regularity and item mix is in this
+# shop, which a mean over events normalises away and human-paced bots betray.
+CONTEXT: tuple[tuple[str, str, tuple[float, ...]], ...] = (
+    ("events", "n_events", (2, 3, 4, 6, 9, 14, 22, 35, 56, 90)),
+    ("seconds", "duration_s", (1, 10, 30, 60, 180, 600, 1800, 3600)),
+    ("events per minute", "events_per_min", (0.5, 1, 2, 4, 8, 15, 30, 60.5)),
+    ("gap variation (CV)", "gap_cv", (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5)),
+    ("share of distinct items", "unique_item_ratio", (0.2, 0.4, 0.6, 0.8, 1.0)),
+    ("share of rare items", "frac_rare_items", (0.01, 0.25, 0.5, 0.75, 1.0)),
+    ("categories", "n_categories", (1, 2, 3, 4, 6, 9, 14)),
+)
+CONTEXT_WIDTHS = tuple(len(edges) + 1 for _, _, edges in CONTEXT)
+CONTEXT_START = len(SPECIAL_TOKENS) + EVENT_TOKENS  # the first context token's id
+CONTEXT_OFFSETS = tuple(CONTEXT_START + int(sum(CONTEXT_WIDTHS[:k])) for k in range(len(CONTEXT)))
+VOCAB_SIZE = CONTEXT_START + sum(CONTEXT_WIDTHS)
 
 VOCAB_SPEC = {
     "specials": SPECIAL_TOKENS,
     "fields": {name: values for name, values in FIELDS},
     "gap_edges_s": GAP_EDGES_S,
     "popularity_shares": POPULARITY_SHARES,
+    "context": [[name, feature, list(edges)] for name, feature, edges in CONTEXT],
 }
 
 
 def vocabulary_version() -> str:
     """Hash of the vocabulary specification: any change to fields, buckets or order changes it."""
     blob = json.dumps(VOCAB_SPEC, sort_keys=True).encode()
-    return "bt1-" + hashlib.sha256(blob).hexdigest()[:12]
+    return "bt2-" + hashlib.sha256(blob).hexdigest()[:12]
 
 
 # Pinned: a test fails if the specification changes without this being updated deliberately.
-VOCAB_VERSION = "bt1-206c25f778a4"
+VOCAB_VERSION = "bt2-fc6604f5e552"
 
 
 @dataclass
 class Popularity:
-    """This shop's item popularity buckets, keyed by item hash. It stays on the merchant's machine."""
+    """This shop's item popularity buckets, keyed by item hash. It stays on the merchant's machine.
+
+    It keeps the event count per item, so traffic scored later can be added to it (`updated`): a shop's
+    catalogue changes every day, and an item first seen in the scored traffic is bucketed by how often it
+    appears there, as an item of the training period was, instead of as a token training never showed."""
 
     items: np.ndarray  # sorted uint64 item hashes
+    counts: np.ndarray  # int64 events per item
     buckets: np.ndarray  # int8 popularity code per item (1 rare .. 4 top)
     _index: pd.Index | None = field(default=None, repr=False, compare=False)  # hash table for lookup
 
@@ -85,7 +109,15 @@ class Popularity:
         buckets = np.empty(len(items), dtype=np.int8)
         buckets[order] = bucket_sorted
         key_order = np.argsort(items)
-        return cls(items=items[key_order], buckets=buckets[key_order])
+        return cls(
+            items=items[key_order], counts=counts[key_order].astype(np.int64), buckets=buckets[key_order]
+        )
+
+    def updated(self, later: Popularity) -> Popularity:
+        """These counts plus those of later traffic, re-bucketed."""
+        items, inverse = np.unique(np.concatenate([self.items, later.items]), return_inverse=True)
+        counts = np.bincount(inverse, weights=np.concatenate([self.counts, later.counts]))
+        return Popularity.from_counts(items, counts.astype(np.int64))
 
     def lookup(self, items: np.ndarray) -> np.ndarray:
         """Popularity code per item; 0 (unknown) for items this shop has not seen."""
@@ -95,12 +127,12 @@ class Popularity:
         return np.where(pos >= 0, self.buckets[pos], 0).astype(np.int8)
 
     def save(self, path: str | Path) -> None:
-        np.savez_compressed(path, items=self.items, buckets=self.buckets, version=VOCAB_VERSION)
+        np.savez_compressed(path, items=self.items, counts=self.counts, version=VOCAB_VERSION)
 
     @classmethod
     def load(cls, path: str | Path) -> Popularity:
         with np.load(path) as data:
-            return cls(items=data["items"], buckets=data["buckets"])
+            return cls.from_counts(data["items"], data["counts"])
 
 
 class ItemCounter:
@@ -130,7 +162,7 @@ class ItemCounter:
     def popularity(self) -> Popularity:
         self._compact()
         if not self._items:
-            return Popularity(items=np.zeros(0, np.uint64), buckets=np.zeros(0, np.int8))
+            return Popularity.from_counts(np.zeros(0, np.uint64), np.zeros(0, np.int64))
         return Popularity.from_counts(self._items[0], self._counts[0])
 
 
@@ -155,12 +187,40 @@ def encode(batch: SessionBatch, popularity: Popularity) -> np.ndarray:
     return (token + len(SPECIAL_TOKENS)).astype(np.int32)
 
 
+def encode_context(features: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    """The context tokens of each window ([n_windows, len(CONTEXT)] int32) from its session features."""
+    columns = [
+        offset
+        + np.searchsorted(np.array(edges, dtype=np.float64), features[:, names.index(feature)], "right")
+        for (_, feature, edges), offset in zip(CONTEXT, CONTEXT_OFFSETS, strict=True)
+    ]
+    return np.column_stack(columns).astype(np.int32) if columns else np.zeros((len(features), 0), np.int32)
+
+
+def describe_context(token: int) -> str:
+    """A context token in words, e.g. 'events 14 to under 22' or 'events per minute 60.5 and over'."""
+    for (name, _, edges), offset, width in zip(CONTEXT, CONTEXT_OFFSETS, CONTEXT_WIDTHS, strict=True):
+        if offset <= token < offset + width:
+            return f"{name} {_bucket_words(edges, token - offset)}"
+    raise ValueError(f"token {token} is not a context token")
+
+
+def _bucket_words(edges: tuple[float, ...], k: int) -> str:
+    if k == 0:
+        return f"under {edges[0]:g}"
+    if k == len(edges):
+        return f"{edges[-1]:g} and over"
+    return f"{edges[k - 1]:g} to under {edges[k]:g}"
+
+
 def decode(token: int) -> dict[str, str]:
     """The words behind a token id."""
     if token < len(SPECIAL_TOKENS):
         return {"special": SPECIAL_TOKENS[token]}
     if token >= VOCAB_SIZE:
         raise ValueError(f"token {token} is outside the vocabulary of {VOCAB_SIZE}")
+    if token >= CONTEXT_START:
+        return {"context": describe_context(token)}
     rest = token - len(SPECIAL_TOKENS)
     values: dict[str, str] = {}
     for name, names in reversed(FIELDS):
@@ -172,8 +232,8 @@ def decode(token: int) -> dict[str, str]:
 def describe(token: int) -> str:
     """One line of plain words, e.g. 'purchase <1s after the previous event, same item again, ...'."""
     parts = decode(token)
-    if "special" in parts:
-        return parts["special"]
+    if "special" in parts or "context" in parts:
+        return parts.get("special") or parts["context"]
     gap = parts["gap"]
     when = "first event of the session" if gap == "first" else f"{gap} after the previous event"
     return f"{parts['event']} {when}, {parts['item']}, {parts['category']}, {parts['popularity']}"
@@ -183,5 +243,9 @@ def vocabulary_table() -> str:
     """The vocabulary as a Markdown table, for the README."""
     lines = ["| field | values |", "|---|---|"]
     lines += [f"| {name} | {', '.join(values)} |" for name, values in FIELDS]
+    lines += [
+        f"| context: {name} | {', '.join(_bucket_words(edges, k) for k in range(len(edges) + 1))} |"
+        for name, _, edges in CONTEXT
+    ]
     lines.append(f"| special | {', '.join(SPECIAL_TOKENS)} |")
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """Tokenized scoring windows: what the model reads, plus what outputs and explanations point back to.
 
 Built from `SessionBatch`es, so training, scoring, the baselines and the simulations all use the same
-units. Each window is framed `<bos> tokens... [<eos>]`; `<eos>` only closes a session's last window, so
-"the session ended here" is scored too.
+units. Each window is framed `<bos> context... tokens... [<eos>]`: its session-context tokens (its length,
+pace, regularity and item mix in coarse buckets, `tokens.CONTEXT`), then one token per event; `<eos>`
+only closes a session's last window, so "the session ended here" is scored too.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from fedanom.common.features import session_features
+from fedanom.common.features import FEATURE_NAMES, session_features
 from fedanom.common.loader import LoadReport
 from fedanom.common.sessions import SessionBatch
-from fedanom.common.tokens import BOS, EOS, Popularity, encode
+from fedanom.common.tokens import BOS, EOS, Popularity, encode, encode_context
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Windows:
     closes_session: np.ndarray  # bool: the session's last window (framed with <eos>)
     start_ms: np.ndarray  # int64, the session's first event
     features: np.ndarray  # float32 [n, n_features], for the classical baselines
+    context: np.ndarray  # int32 [n, len(tokens.CONTEXT)]: the session-context tokens, from the features
 
     @classmethod
     def from_batches(
@@ -42,6 +44,7 @@ class Windows:
         parts = []
         for b in batches:
             next_index = np.append(b.window_index[1:], 0)
+            features = session_features(b, popularity)
             parts.append(
                 cls(
                     tokens=encode(b, popularity),
@@ -54,7 +57,8 @@ class Windows:
                     window_index=b.window_index,
                     closes_session=next_index == 0,
                     start_ms=b.session_start_ms,
-                    features=session_features(b, popularity),
+                    features=features,
+                    context=encode_context(features, FEATURE_NAMES),
                 )
             )
         return cls.concat(parts)
@@ -83,11 +87,15 @@ class Windows:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    @property
+    def framed_lengths(self) -> np.ndarray:
+        return self.lengths + 1 + self.context.shape[1] + self.closes_session
+
     def framed(self, i: int) -> np.ndarray:
-        """Window i as the model reads it: <bos> tokens [<eos>]."""
+        """Window i as the model reads it: <bos> context tokens [<eos>]."""
         body = self.tokens[self.offsets[i] : self.offsets[i + 1]]
         tail = [EOS] if self.closes_session[i] else []
-        return np.concatenate([[BOS], body, tail]).astype(np.int64)
+        return np.concatenate([[BOS], self.context[i], body, tail]).astype(np.int64)
 
     def select(self, keep: np.ndarray) -> Windows:
         """The windows where `keep` is true (a bool mask or an index array), in their order."""

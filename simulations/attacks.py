@@ -197,12 +197,14 @@ ATTACKS: dict[str, Attack] = _registry()
 
 
 def inject(shop: pd.DataFrame, attacks: dict[str, int], seed: int = 0) -> pd.DataFrame:
-    """The shop's events plus `attacks[name]` bot sessions of each kind, spread over its time span.
+    """The shop's events plus `attacks[name]` bot sessions of each kind, spread over time like its traffic.
 
     Returns the Taobao-layout columns plus `attack` ("" for normal traffic), sorted by time.
     """
     rng = np.random.default_rng(seed)
-    start, end = int(shop.timestamp.min()), int(shop.timestamp.max())
+    # bots arrive as the shop's traffic does: each starts at the time of a random logged event (a uniform
+    # draw over the span put most bots into a quiet stretch of a sample whose traffic is bunched up)
+    times = shop.timestamp.to_numpy()
     next_user = int(shop.user_id.max()) + 1_000_000
     frames = [shop.assign(attack="")]
     view = ShopView(rng, shop)
@@ -211,7 +213,7 @@ def inject(shop: pd.DataFrame, attacks: dict[str, int], seed: int = 0) -> pd.Dat
         for _ in range(count):
             session = attack.sessions(rng, view)
             offsets = session.pop("offset_s").to_numpy()
-            session["timestamp"] = (int(rng.integers(start, end)) + offsets).astype(np.int64)
+            session["timestamp"] = (int(times[rng.integers(0, len(times))]) + offsets).astype(np.int64)
             frames.append(session.assign(user_id=next_user, attack=name))
             next_user += 1
     out = pd.concat(frames, ignore_index=True)

@@ -93,7 +93,7 @@ def load_sessions(merchant: MerchantData, workdir: Path) -> Sessions:
     own = Merchant(merchant.fit_path, "taobao", workdir / "scratch", epsilon=0.0, base=None)
     train, validation, popularity = own.windows()
     ingested = ingest(merchant.test_path, resolve_preset("taobao"), popularity=popularity)
-    test = Windows.from_batches(ingested.batches(), popularity, ingested.report)
+    test = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
     return Sessions(train, validation, test, popularity, merchant.bots, merchant.labelled)
 
 
@@ -206,7 +206,7 @@ def local(
 
 def pretrained(s: Sessions, base: Path, seed: int) -> tuple[np.ndarray, np.ndarray]:
     detector = BehaviourDetector.from_backbone(base, s.popularity, lora=LoraSettings(seed=seed))
-    detector.calibrate(s.validation, s.known(s.validation))
+    detector.calibrate(s.validation, s.known(s.validation), training=s.train)
     return detector.decision_function(s.validation), detector.decision_function(s.test)
 
 

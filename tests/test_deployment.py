@@ -183,7 +183,7 @@ def test_every_merchant_ranks_its_injected_bots_above_its_normal_sessions(deploy
         assert detector.provenance["federated_round"] == 2
         assert 0 < detector.provenance["epsilon"] <= 8.0
         ingested = ingest(deployment / f"m{i}.csv", resolve_preset("taobao"), popularity=detector.popularity)
-        windows = Windows.from_batches(ingested.batches(), detector.popularity, ingested.report)
+        windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
         known = read_labels(deployment / f"labels-{i}.csv", windows)
         auroc = roc_auc_score(known, detector.decision_function(windows))
         assert auroc >= AUROC_FLOOR, f"{preset}: AUROC {auroc:.3f}"

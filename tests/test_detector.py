@@ -23,7 +23,7 @@ from fedanom.common.model import build_backbone, next_token_nll, pad_batch
 from fedanom.common.presets import resolve_preset
 from fedanom.common.privacy import PrivacyLedger
 from fedanom.common.settings import BackboneConfig, LoraSettings, TrainSettings
-from fedanom.common.tokens import Popularity
+from fedanom.common.tokens import CONTEXT_OFFSETS, CONTEXT_WIDTHS, Popularity
 from fedanom.common.windows import Windows
 from fedanom.server.pretrain import pretrain_backbone
 from fedanom.simulations.attacks import ATTACKS, inject
@@ -102,10 +102,13 @@ def test_predict_flags_about_the_alert_rate_of_normal_sessions(fitted: Fitted) -
 
 def test_explanations_name_lines_and_odds(fitted: Fitted) -> None:
     i = int(np.argmax(fitted.detector.decision_function(fitted.test)))
-    lines = fitted.detector.explain(fitted.test, i)
-    assert len(lines) == 3
-    assert all("under this shop's model" in line and "1-in-" in line for line in lines)
-    assert any(line.startswith("line ") for line in lines)
+    lines = fitted.detector.explain(fitted.test, i, k=36)  # 7 context tokens and 29 features at least
+    assert len(lines) == 36
+    model_lines = [line for line in lines if "under this shop's model" in line]
+    assert all("1-in-" in line for line in model_lines)
+    assert any(line.startswith("line ") for line in model_lines)  # events point back to their lines
+    assert any(line.startswith("events per minute ") for line in model_lines)  # the context, in words
+    assert any("of this shop's sessions" in line for line in lines)  # the feature reference, in words
 
 
 def test_artifact_round_trip_gives_the_same_scores(fitted: Fitted, tmp_path: Path) -> None:
@@ -126,9 +129,18 @@ def test_adapter_loads_with_plain_peft(fitted: Fitted, tmp_path: Path) -> None:
     ids, mask = pad_batch([fitted.test.framed(0)])
     with torch.inference_mode():
         expected = next_token_nll(fitted.detector.model, ids, mask)
-        logits = plain(input_ids=ids, attention_mask=mask).logits[0, :-1]
-        got = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+        got = plain_nll(plain(input_ids=ids, attention_mask=mask).logits[0, :-1], ids[0, 1:])
     torch.testing.assert_close(got, expected[0], rtol=1e-5, atol=1e-5)
+
+
+def plain_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each token's NLL from a plain transformers model's logits, as fedanom reads them: a context token
+    among its own measure's buckets, an event among the whole vocabulary."""
+    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    for k, (offset, width) in enumerate(zip(CONTEXT_OFFSETS, CONTEXT_WIDTHS, strict=True)):
+        own = logits[k, offset : offset + width]
+        nll[k] = torch.nn.functional.cross_entropy(own[None], targets[k : k + 1] - offset)[0]
+    return nll
 
 
 def test_tampered_adapter_is_refused(fitted: Fitted, tmp_path: Path) -> None:
@@ -210,6 +222,5 @@ def test_supervised_head_trains_on_labels_and_stays_plain_peft_loadable(
     )
     ids, mask = pad_batch([fitted.test.framed(0)])
     with torch.inference_mode():
-        logits = plain(input_ids=ids, attention_mask=mask).logits[0, :-1]
-        got = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+        got = plain_nll(plain(input_ids=ids, attention_mask=mask).logits[0, :-1], ids[0, 1:])
         torch.testing.assert_close(got, next_token_nll(detector.model, ids, mask)[0], rtol=1e-5, atol=1e-5)

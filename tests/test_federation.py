@@ -166,7 +166,7 @@ def test_final_global_adapter_and_merchant_detectors(federation: Path) -> None:
         ingested = ingest(
             federation / f"merchant-{i}.csv", resolve_preset("taobao"), popularity=detector.popularity
         )
-        windows = Windows.from_batches(ingested.batches(), detector.popularity, ingested.report)
+        windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
         assert np.isfinite(detector.decision_function(windows)).all()
 
 

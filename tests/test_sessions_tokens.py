@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedanom.common.features import FEATURE_NAMES, session_features
+from fedanom.common.features import FEATURE_NAMES, FeatureReference, session_features
 from fedanom.common.ingest import ingest
 from fedanom.common.presets import resolve_preset
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.tokens import (
     BOS,
+    CONTEXT_WIDTHS,
     RADICES,
     SPECIAL_TOKENS,
     VOCAB_SIZE,
@@ -22,6 +23,7 @@ from fedanom.common.tokens import (
     decode,
     describe,
     encode,
+    encode_context,
     vocabulary_table,
     vocabulary_version,
 )
@@ -97,7 +99,7 @@ def test_tokens_never_depend_on_raw_ids(tmp_path: Path) -> None:
 
 
 def test_token_ids_round_trip_through_their_fields() -> None:
-    assert len(SPECIAL_TOKENS) + int(np.prod(RADICES)) == VOCAB_SIZE
+    assert len(SPECIAL_TOKENS) + int(np.prod(RADICES)) + sum(CONTEXT_WIDTHS) == VOCAB_SIZE
     assert decode(BOS) == {"special": "<bos>"}
     assert len({tuple(decode(t).values()) for t in range(len(SPECIAL_TOKENS), VOCAB_SIZE)}) == VOCAB_SIZE - 3
     with pytest.raises(ValueError):
@@ -119,6 +121,16 @@ def test_popularity_buckets_by_event_share() -> None:
     # share of events before each: 0, .45, .70, .70 (tie), .90, .90 (tie)
     assert pop.lookup(items).tolist() == [4, 3, 2, 2, 1, 1]
     assert pop.lookup(np.array([99], dtype=np.uint64)).tolist() == [0]
+
+
+def test_later_traffic_updates_popularity_instead_of_meeting_unknown_items() -> None:
+    """A new item in scored traffic is bucketed by its count there, like a training item, so the
+    day-to-day change of a catalogue does not turn into tokens training never showed."""
+    earlier = Popularity.from_counts(np.array([1, 2, 3], dtype=np.uint64), np.array([50, 30, 20]))
+    later = Popularity.from_counts(np.array([3, 7, 8], dtype=np.uint64), np.array([5, 60, 1]))
+    both = earlier.updated(later)
+    assert both.lookup(np.array([7, 8, 9], dtype=np.uint64)).tolist() == [4, 1, 0]
+    assert both.counts[both.items.tolist().index(3)] == 25
 
 
 def test_item_counter_merges_chunks_exactly() -> None:
@@ -161,3 +173,27 @@ def test_session_features_on_a_scripted_session(tmp_path: Path) -> None:
     )
     assert features["frac_purchase"] == pytest.approx(1 / 8)
     assert features["purchase_without_cart"] == 1.0
+
+
+def test_context_tokens_describe_the_whole_session(tmp_path: Path) -> None:
+    rows = [f"bot,{1700000000 + i},view,i{i},c{i % 2}," for i in range(8)]
+    ((batch, popularity),) = sessions_of(tmp_path, rows)
+    tokens = encode_context(session_features(batch, popularity), FEATURE_NAMES)[0]
+    words = [decode(int(t))["context"] for t in tokens]
+    assert words[:3] == ["events 6 to under 9", "seconds 1 to under 10", "events per minute 60.5 and over"]
+    assert words[3] == "gap variation (CV) under 0.1"  # a clock-like script
+    assert words[4] == "share of distinct items 1 and over"
+
+
+def test_feature_reference_scores_the_tails_of_this_shop() -> None:
+    rng = np.random.default_rng(0)
+    shop = rng.lognormal(size=(2_000, len(FEATURE_NAMES)))
+    reference = FeatureReference.fit(shop)
+    typical = np.median(shop, axis=0, keepdims=True)
+    extreme = typical.copy()
+    extreme[0, :3] = shop[:, :3].max(0) * 10  # far above every session of the shop on three features
+    together = reference.surprise(np.vstack([typical, extreme]))
+    assert together[1] > together[0] + 3 * np.log(100)
+    assert reference.surprise(extreme)[0] == together[1]  # the same, whatever is scored with it
+    words = reference.describe(extreme[0])
+    assert max(words)[1].startswith(f"{FEATURE_NAMES[0]} ") or "higher than 99.9%" in max(words)[1]

@@ -103,7 +103,7 @@ def test_the_federated_head_learned_the_merchants_known_attacks(
         detector = BehaviourDetector.load(work / "federated-dp" / "state" / f"merchant-{i}" / "detector")
         test = work / "merchants" / f"merchant-{i}-test.csv"
         ingested = ingest(test, resolve_preset("taobao"), popularity=detector.popularity)
-        windows = Windows.from_batches(ingested.batches(), detector.popularity, ingested.report)
+        windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
         known = set(pd.read_csv(work / "federated-dp" / f"labels-{i}.csv", dtype=str).user_id)
         bots = np.array([user in known for user in windows.user])
         head = detector.surprise(windows).head
