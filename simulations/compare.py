@@ -41,6 +41,7 @@ from fedanom.common.tokens import Popularity
 from fedanom.common.windows import Windows
 from fedanom.server.app import build_app
 from fedanom.simulations.evaluation import (
+    alert_threshold,
     detection_metrics,
     ecod_scores,
     isolation_forest_scores,
@@ -241,6 +242,7 @@ def metrics(sessions: list[Sessions], comparison: Comparison) -> dict[str, list[
                 test,
                 s.kinds(s.test),
                 validation_threshold(s.labels(s.validation), val),
+                alert_threshold(s.labels(s.validation), val),
             )
             for s, (val, test) in zip(sessions, scores, strict=True)
         ]

@@ -111,7 +111,11 @@ def test_train_then_score_with_explanations(workdir: Path) -> None:
         pd.read_csv(workdir / "merchant.csv", header=None)
     )  # every event scored
     assert 0 < scores.flag.sum() < 0.1 * len(scores)
-    assert scores.explanation.str.contains("under this shop's model").all()
+    # each part of an explanation is the model's odds of an event or of the context, or a session
+    # feature placed among this shop's sessions
+    parts = scores.explanation.str.split(" [|] ").explode()
+    assert parts.str.contains("under this shop's model|of this shop's sessions").all()
+    assert parts.str.contains("under this shop's model").any() and parts.str.contains("line ").any()
 
     parquet = fedanom(
         "score", "--data", "merchant.csv", "-p", "taobao", "--model", "det", "--out", "s.parquet", cwd=workdir
