@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -110,6 +110,12 @@ class Windows:
             if f.name != "offsets"
         }
         return Windows(offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), **values)
+
+    def keyed(self, prefix: str) -> Windows:
+        """The same windows with session keys prefixed, so windows from several sources (merchants,
+        files) that each number their own users from 1 stay apart when pooled."""
+        keys = np.array([f"{prefix}:{key}" for key in self.session], dtype=object)
+        return replace(self, session=keys)
 
     def chronological_split(self, *fractions: float) -> list[Windows]:
         """Split by session start time (a session's windows stay together): earliest first."""

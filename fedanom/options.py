@@ -152,6 +152,17 @@ def _add_data_options(command: F, *, file_argument: bool) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def file_and_preset(spec: str, option: str) -> tuple[Path, str]:
+    """`FILE:PRESET` (an existing file and a named preset), as `--data` of simulate and `--also` of
+    pretrain take it."""
+    path, sep, preset = spec.rpartition(":")
+    if not sep or preset not in PRESETS:
+        raise FedanomError(f"{option} {spec}: write FILE:PRESET with a preset from {', '.join(PRESETS)}")
+    if not Path(path).is_file():
+        raise FedanomError(f"{option} {spec}: {path} does not exist")
+    return Path(path), preset
+
+
 def session_config(gap_minutes: float, window: int) -> SessionConfig:
     try:
         return SessionConfig(gap_minutes=gap_minutes, window=window)

@@ -20,10 +20,12 @@ import typer
 
 from fedanom.common.errors import FedanomError
 from fedanom.common.flower import check_transport, flower_environment, split_address, wait_for_port
+from fedanom.common.ingest import ingest
+from fedanom.common.presets import resolve_preset
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.settings import ARCHITECTURE_NAMES, RUN_DEFAULTS, BackboneConfig, TrainSettings
 from fedanom.common.windows import Windows
-from fedanom.options import DataSource, DeviceOption, data_options, err
+from fedanom.options import DataSource, DeviceOption, data_options, err, file_and_preset
 from fedanom.server.aggregation import AGGREGATORS
 
 CONNECTION = "fedanom"
@@ -261,25 +263,45 @@ def pretrain(
             "--base-model", help="Start from this causal-LM directory (any over the behaviour vocabulary)."
         ),
     ] = None,
+    also: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--also",
+            help="One more public export as FILE:PRESET, read with its own preset and item popularity "
+            "(repeat).",
+        ),
+    ] = None,
     device: DeviceOption = None,
 ) -> None:
     """Pretrain the behaviour backbone on normal traffic; write it with save_pretrained and a hash."""
     config = BackboneConfig(
         architecture=architecture, d_model=d_model, n_layers=layers, n_heads=heads, max_events=window
     )
-    ingested = source.read(
-        default_quarantine=out.with_name(out.name + ".quarantine.csv"), config=SessionConfig(window=window)
-    )
-    windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
+    more = [file_and_preset(spec, "--also") for spec in also or []]
+    sessions = SessionConfig(window=window)
+    ingested = source.read(default_quarantine=out.with_name(out.name + ".quarantine.csv"), config=sessions)
+    parts = [Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)]
+    for k, (path, preset) in enumerate(more, start=1):
+        extra = ingest(
+            path,
+            resolve_preset(preset),
+            config=sessions,
+            quarantine_path=out.with_name(f"{out.name}.{k}.quarantine.csv"),
+        )
+        parts.append(Windows.from_batches(extra.batches(), extra.popularity, extra.report).keyed(f"file-{k}"))
+    windows = Windows.concat(parts)
+    names = [source.data.name, *(path.name for path, _ in more)]
     from fedanom.common.artifact import save_backbone  # the model stack, once the data is good
     from fedanom.server.pretrain import pretrain_backbone
 
-    err.print(f"pretraining a {architecture} backbone on {windows.n_windows:,} sessions from {source.data}")
+    err.print(
+        f"pretraining a {architecture} backbone on {windows.n_windows:,} sessions from {', '.join(names)}"
+    )
     settings = TrainSettings(
         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, dp=False, seed=seed
     )
     model, metrics = pretrain_backbone(windows, config, settings, start_from=base_model, device=device)
-    digest = save_backbone(model, out, {"data": source.data.name, "config": asdict(config), **metrics})
+    digest = save_backbone(model, out, {"data": names, "config": asdict(config), **metrics})
     typer.echo(
         f"backbone written to {out} (hash {digest[:12]}): held-out surprise "
         f"{metrics['held_out_nll_per_event']:.3f} nats/event after {metrics['steps']} steps"

@@ -19,10 +19,10 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from fedanom.common.errors import FedanomError
 from fedanom.common.ingest import ingest
-from fedanom.common.presets import PRESETS, resolve_preset
+from fedanom.common.presets import resolve_preset
 from fedanom.common.settings import BackboneConfig, TrainSettings
 from fedanom.common.windows import Windows
-from fedanom.options import err
+from fedanom.options import err, file_and_preset
 from fedanom.simulations.calibration import behaviour_stats
 from fedanom.simulations.scenario import (
     TEST_SHARE,
@@ -90,7 +90,7 @@ def simulate(
     shop_events = _parse_sizes(sizes) if sizes else shop_sizes(merchants, scale)
     if len(shop_events) < 2:
         raise FedanomError("--merchants must be at least 2 (a federation of one is local training)")
-    sources = [_parse_data(spec) for spec in data or []]
+    sources = [file_and_preset(spec, "--data") for spec in data or []]
     if partition_spec and len(sources) != 1:
         raise FedanomError("--partition splits exactly one --data file")
     count = len(shop_events) if not sources else merchants if partition_spec else len(sources)
@@ -167,15 +167,6 @@ def _parse_sizes(spec: str) -> list[int]:
     if any(size < 200 for size in sizes):
         raise FedanomError(f"--sizes {spec}: a merchant needs at least 200 events")
     return sizes
-
-
-def _parse_data(spec: str) -> tuple[Path, str]:
-    path, sep, preset = spec.rpartition(":")
-    if not sep or preset not in PRESETS:
-        raise FedanomError(f"--data {spec}: write FILE:PRESET with a preset from {', '.join(PRESETS)}")
-    if not Path(path).is_file():
-        raise FedanomError(f"--data {spec}: {path} does not exist")
-    return Path(path), preset
 
 
 # The operator's public data is not the merchants' traffic: another shop, with shorter, slower sessions

@@ -20,7 +20,6 @@ federation it scores with the head the others trained.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -215,21 +214,14 @@ def centralized(
     sessions: list[Sessions], base: Path, rounds: int, seed: int, head: bool
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     pooled = Windows.concat(
-        [_apart(s.train, i) for i, s in enumerate(sessions)]
-        + [_apart(s.validation, i) for i, s in enumerate(sessions)]
+        [s.train.keyed(f"merchant-{i}") for i, s in enumerate(sessions)]
+        + [s.validation.keyed(f"merchant-{i}") for i, s in enumerate(sessions)]
     )
     labels = np.concatenate([s.known(s.train) for s in sessions] + [s.known(s.validation) for s in sessions])
     lora = LoraSettings(seed=seed, supervised_head=head)
     detector = BehaviourDetector.from_backbone(base, sessions[0].popularity, lora=lora)
     detector.fit(pooled, labels, train=_settings(rounds, False, seed))
     return [(detector.decision_function(s.validation), detector.decision_function(s.test)) for s in sessions]
-
-
-def _apart(windows: Windows, merchant: int) -> Windows:
-    """Session keys made unique across merchants, which each number their own users from 1 (pooled,
-    two merchants' "user 7" would otherwise be one session to the time split and the labels)."""
-    keys = np.array([f"merchant-{merchant}:{key}" for key in windows.session], dtype=object)
-    return dataclasses.replace(windows, session=keys)
 
 
 def metrics(sessions: list[Sessions], comparison: Comparison) -> dict[str, list[dict[str, Any]]]:

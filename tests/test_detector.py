@@ -18,12 +18,13 @@ from transformers import AutoModelForCausalLM
 from fedanom.client.detector import BehaviourDetector
 from fedanom.common.artifact import save_backbone
 from fedanom.common.errors import FedanomError
+from fedanom.common.features import FEATURE_NAMES
 from fedanom.common.ingest import ingest
 from fedanom.common.model import build_backbone, next_token_nll, pad_batch
 from fedanom.common.presets import resolve_preset
 from fedanom.common.privacy import PrivacyLedger
 from fedanom.common.settings import BackboneConfig, LoraSettings, TrainSettings
-from fedanom.common.tokens import CONTEXT_OFFSETS, CONTEXT_WIDTHS, Popularity
+from fedanom.common.tokens import CONTEXT, CONTEXT_OFFSETS, CONTEXT_WIDTHS, Popularity
 from fedanom.common.windows import Windows
 from fedanom.server.pretrain import pretrain_backbone
 from fedanom.simulations.attacks import ATTACKS, inject
@@ -102,8 +103,9 @@ def test_predict_flags_about_the_alert_rate_of_normal_sessions(fitted: Fitted) -
 
 def test_explanations_name_lines_and_odds(fitted: Fitted) -> None:
     i = int(np.argmax(fitted.detector.decision_function(fitted.test)))
-    lines = fitted.detector.explain(fitted.test, i, k=36)  # 7 context tokens and 29 features at least
-    assert len(lines) == 36
+    lines = fitted.detector.explain(fitted.test, i, k=1_000)  # every candidate, most surprising first
+    events = int(fitted.test.lengths[i]) + int(fitted.test.closes_session[i])
+    assert len(lines) == len(CONTEXT) + events + len(FEATURE_NAMES)
     model_lines = [line for line in lines if "under this shop's model" in line]
     assert all("1-in-" in line for line in model_lines)
     assert any(line.startswith("line ") for line in model_lines)  # events point back to their lines
@@ -139,7 +141,9 @@ def plain_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
     for k, (offset, width) in enumerate(zip(CONTEXT_OFFSETS, CONTEXT_WIDTHS, strict=True)):
         own = logits[k, offset : offset + width]
-        nll[k] = torch.nn.functional.cross_entropy(own[None], targets[k : k + 1] - offset)[0]
+        nll[k] = torch.nn.functional.cross_entropy(own[None], targets[k : k + 1] - offset, reduction="none")[
+            0
+        ]
     return nll
 
 

@@ -14,7 +14,7 @@ from fedanom.client.training import Example, collate, make_private, sequence_los
 from fedanom.common.model import attach_lora, build_backbone, pad_batch, trainable_state
 from fedanom.common.privacy import BudgetExhausted, PrivacyLedger
 from fedanom.common.settings import ARCHITECTURE_NAMES, BackboneConfig, LoraSettings, TrainSettings
-from fedanom.common.tokens import BOS, EOS
+from fedanom.common.tokens import BOS, CONTEXT, CONTEXT_OFFSETS, CONTEXT_WIDTHS, EOS
 from fedanom.common.windows import Windows
 
 TINY = BackboneConfig(d_model=32, n_layers=1, n_heads=2, max_events=16, dropout=0.0)
@@ -23,12 +23,18 @@ DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 def sequences(n: int, seed: int = 0) -> list[np.ndarray]:
+    """Framed windows: <bos>, one random bucket of each context measure, 1-11 random events, <eos>."""
     rng = np.random.default_rng(seed)
-    return [np.array([BOS, *rng.integers(3, 500, rng.integers(1, 12)), EOS]) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        context = [o + rng.integers(w) for o, w in zip(CONTEXT_OFFSETS, CONTEXT_WIDTHS, strict=True)]
+        out.append(np.array([BOS, *context, *rng.integers(3, 500, rng.integers(1, 12)), EOS]))
+    return out
 
 
 def toy_windows(n: int, seed: int = 0) -> Windows:
-    seqs = [s[1:-1] for s in sequences(n, seed)]
+    framed = sequences(n, seed)
+    seqs = [s[1 + len(CONTEXT) : -1] for s in framed]
     lengths = np.array([len(s) for s in seqs])
     events = int(lengths.sum())
     return Windows(
@@ -43,6 +49,7 @@ def toy_windows(n: int, seed: int = 0) -> Windows:
         closes_session=np.ones(n, dtype=bool),
         start_ms=np.arange(n, dtype=np.int64),
         features=np.zeros((n, 1), dtype=np.float32),
+        context=np.array([s[1 : 1 + len(CONTEXT)] for s in framed], dtype=np.int32),
     )
 
 
