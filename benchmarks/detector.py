@@ -1,7 +1,7 @@
 """Detector benchmarks: scoring throughput, DP training cost, architecture and aggregation choice.
 
     python benchmarks/detector.py [--threads 2] [--device cpu|cuda] [--out bench-out]
-    python benchmarks/detector.py --dp-only | --batch-sweep | --lora-sweep [--device cuda]
+    python benchmarks/detector.py --dp-only | --batch-sweep | --lora-sweep | --scoring-only [--device cuda]
 
 1. Scoring sessions/s on the real session-length mix of four shops in ../shared/data (or
    $FEDANOM_SHARED_DATA): a naive one-session-at-a-time loop vs length-bucketed batches; achieved FLOP/s
@@ -279,6 +279,12 @@ def main() -> None:
     parser.add_argument("--dp-only", action="store_true", help="only DP vs plain step time and memory")
     parser.add_argument("--batch-sweep", action="store_true", help="only training speed per batch size")
     parser.add_argument("--lora-sweep", action="store_true", help="only quality and DP cost per adapter")
+    parser.add_argument(
+        "--scoring-only",
+        action="store_true",
+        help="only scoring throughput (default backbone, untrained: speed does not depend on weights) "
+        "against IsolationForest's, and the DP step cost",
+    )
     parser.add_argument("--dp-child", nargs=2, metavar=("ARCH", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -325,6 +331,20 @@ def main() -> None:
     if args.batch_sweep:  # the CPU row is the same-run baseline for the device's
         results["batch_sweep"] = batch_sweep(sample, list(dict.fromkeys([torch.device("cpu"), device])))
         (args.out / f"detector-batches-{device.type}.json").write_text(json.dumps(results, indent=2))
+        return
+
+    if args.scoring_only:
+        model = attach_lora(build_backbone(BackboneConfig(), device=device), LoraSettings())
+        results["scoring_llama"] = scoring(model, real, device)
+        forest = IsolationForest(random_state=0).fit(sample.features)
+        start = time.perf_counter()
+        forest.score_samples(real.features)
+        results["isolation_forest_sessions_per_s"] = real.n_windows / (time.perf_counter() - start)
+        results["dp_step"] = dp_cost(model.unload(), sample, device)
+        print(json.dumps(results, indent=1, default=float), flush=True)
+        (args.out / f"detector-scoring-{device.type}.json").write_text(
+            json.dumps(results, indent=2, default=float)
+        )
         return
 
     archs = {}
