@@ -335,7 +335,7 @@ def main() -> None:
 
     if args.scoring_only:
         model = attach_lora(build_backbone(BackboneConfig(), device=device), LoraSettings())
-        results["scoring_llama"] = scoring(model, real, device)
+        results[f"scoring_{BackboneConfig().architecture}"] = scoring(model, real, device)
         forest = IsolationForest(random_state=0).fit(sample.features)
         start = time.perf_counter()
         forest.score_samples(real.features)

@@ -16,7 +16,8 @@ The backbone is pretrained on a synthetic public shop, so it has seen neither th
 is evaluated on. Prints, per scenario and method, the mean and spread over seeds of the merchants' mean
 AUPRC, AUROC, recall at 1% FPR and false-alert rate at the 1% alert level (each merchant's later, unseen
 normal sessions above its validation's 1% level), then per attack type AUROC and recall at 1% FPR; every
-run's results.json stays under --out.
+run's results.json stays under --out. A run whose results.json is already there is read, not run
+again (an interrupted benchmark resumes): remove --out to measure changed code.
 """
 
 from __future__ import annotations

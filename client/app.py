@@ -248,6 +248,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
     # known attacks choose the score aggregation and are left out of the threshold, as in `fedanom train`
     known = read_labels(merchant.labels, validation) if merchant.labels is not None else None
+    if merchant.labels is not None:  # the feature reference describes the shop's normal sessions
+        train_windows = train_windows.select(read_labels(merchant.labels, train_windows) == 0)
     surprise = detector.calibrate(validation, known, ALERT_RATE, training=train_windows)
     values: Metrics = {"num-examples": validation.n_windows, "val-surprise": float(np.mean(surprise.event))}
     if known is not None and 0 < known.sum() < len(known):

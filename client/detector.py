@@ -53,7 +53,7 @@ DEFAULT_AGGREGATION = "mean"
 # Each kind of evidence is scaled by its normal sessions' median-to-99th-percentile distance. Measured on
 # three real exports with injected bots, this beat standard deviations (one heavy tail drowned the
 # other kind) and the maximum of the kinds (BENCHMARKS.md, session 7).
-ALERT_SCALE = 0.01
+SCALE_TAIL = 0.01
 
 
 class BehaviourDetector:
@@ -131,11 +131,13 @@ class BehaviourDetector:
             raise FedanomError(f"{windows.n_windows} sessions are too few to train and validate on")
         if train.dp and ledger is None:
             ledger = PrivacyLedger.open(None, epsilon_budget=8.0, delta=1.0 / fit_part.n_windows)
-        fit_labels = _labels_for(fit_part, windows, labels) if self.lora.supervised_head else None
+        fit_labels = _labels_for(fit_part, windows, labels)
+        head_labels = fit_labels if self.lora.supervised_head else None
         report = train_model(
-            self.model, fit_part, train, labels=fit_labels, ledger=ledger, device=self.device
+            self.model, fit_part, train, labels=head_labels, ledger=ledger, device=self.device
         )
-        self.calibrate(val_part, _labels_for(val_part, windows, labels), alert_rate, training=fit_part)
+        fit_normal = fit_part if fit_labels is None else fit_part.select(fit_labels == 0)
+        self.calibrate(val_part, _labels_for(val_part, windows, labels), alert_rate, training=fit_normal)
         self.provenance.update(
             {
                 "trained": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -158,18 +160,21 @@ class BehaviourDetector:
         *,
         training: Windows,
     ) -> Surprise:
-        """Fit the shop's feature reference on its training sessions; on the validation ones choose the
+        """Fit the shop's feature reference on its normal training sessions (`training`, known attacks
+        left out by the caller); on the validation ones choose the
         event aggregation (by AUPRC, where labels show attacks), scale each kind of evidence and
         set the threshold at `alert_rate` of the normal sessions. Returns the validation surprise it read.
         `fit` ends with it, a federated merchant calls it on the global adapter, and so does the
         simulation's untrained baseline."""
+        normal = ~labels.astype(bool) if labels is not None else np.ones(validation.n_windows, bool)
+        if not normal.any():
+            raise FedanomError("no normal validation sessions to calibrate the threshold on")
         self.reference = FeatureReference.fit(training.features)
         surprise = event_surprise(self.model, validation, device=self.device)
         self.aggregation = self._choose_aggregation(surprise, validation, labels)
-        normal = ~labels.astype(bool) if labels is not None else np.ones(validation.n_windows, bool)
         self.score_mix = {}
         for name, values in self._evidence(surprise, validation).items():
-            median, top = np.quantile(values[normal], [0.5, 1.0 - ALERT_SCALE])
+            median, top = np.quantile(values[normal], [0.5, 1.0 - SCALE_TAIL])
             self.score_mix[f"{name}_median"] = float(median)
             self.score_mix[f"{name}_scale"] = float(top - median) or 1.0
         self.calibration = Calibration.from_scores(self.combine(surprise, validation)[normal], alert_rate)

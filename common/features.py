@@ -1,4 +1,5 @@
-"""Per-window session features for the classical baselines (IsolationForest, ECOD).
+"""Per-window session features: the detector's feature reference and context tokens read them, and so do
+the classical baselines (IsolationForest, ECOD).
 
 They are computed from the same `SessionBatch` the model tokenizes, so every detector scores exactly the
 same units. Rate, regularity, funnel and diversity features are the usual bot signals; the attack
@@ -117,9 +118,10 @@ class FeatureReference:
     The statistic is ECOD's (Li et al., 2022): per feature, the empirical probability of a value at least
     this low (left) and at least this high (right); a session's feature surprise is the larger of the two
     tails' sums of -log probability, in nats like the model's event surprise. It is computed against
-    quantiles of the merchant's training sessions kept in its detector, so a session scores the same
-    whatever else is scored with it (PyOD's ECOD ranks each batch together with the training data). Like
-    item popularity it describes one shop and never leaves the merchant. It sees what rate features see
+    quantiles of the merchant's normal training sessions kept in its detector, so a session's features
+    are not ranked against the rest of the scored batch (PyOD's ECOD ranks each batch together with its
+    training data; only `frac_rare_items` here moves with the scored file, through item popularity).
+    Like item popularity it describes one shop and never leaves the merchant. It sees what rate features see
     directly (60 events a minute), where the sequence model sees order and context."""
 
     def __init__(self, quantiles: np.ndarray) -> None:

@@ -181,8 +181,8 @@ def forward(
     causal_lm = _unwrap(model)
     hidden = causal_lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
     output = causal_lm.get_output_embeddings()
-    keep = mask[:, 1:].bool()
-    keep[:, : len(CONTEXT)] = False
+    positions = torch.arange(ids.shape[1] - 1, device=ids.device)
+    keep = mask[:, 1:].bool() & (positions >= len(CONTEXT))  # the events and <eos>
     logits = output(hidden[:, :-1][keep]).float()
     event_nll = torch.nn.functional.cross_entropy(logits, ids[:, 1:][keep], reduction="none")
     nll = torch.zeros(keep.shape, dtype=event_nll.dtype, device=event_nll.device)

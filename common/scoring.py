@@ -18,7 +18,7 @@ import torch
 
 from fedanom.common.features import FeatureReference
 from fedanom.common.model import forward, pad_batch
-from fedanom.common.tokens import decode, describe_context
+from fedanom.common.tokens import CONTEXT, decode, describe_context
 from fedanom.common.windows import Windows
 
 
@@ -58,7 +58,7 @@ def event_surprise(
     model.eval()
     event = np.zeros(len(windows.tokens), dtype=np.float32)
     end = np.full(windows.n_windows, np.nan, dtype=np.float32)
-    k = windows.context.shape[1]
+    k = len(CONTEXT)
     context = np.zeros((windows.n_windows, k), dtype=np.float32)
     head = None
     for group in length_batches(windows.framed_lengths, max_tokens):

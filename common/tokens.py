@@ -1,7 +1,8 @@
 """Behaviour tokens: what the model reads instead of raw events.
 
-Item and category ids mean nothing across merchants, so no id reaches the model. Each event becomes one
-token built from facts that mean the same in every shop:
+Item and category ids mean nothing across merchants, so no id reaches the model. Each window opens with
+context tokens, its shape in coarse buckets (`CONTEXT`), then each event becomes one token built from
+facts that mean the same in every shop:
 
     event type x time since the previous event (log buckets) x item novelty in the session
       x category novelty in the session x the item's popularity in this shop
@@ -115,9 +116,7 @@ class Popularity:
 
     def updated(self, later: Popularity) -> Popularity:
         """These counts plus those of later traffic, re-bucketed."""
-        items, inverse = np.unique(np.concatenate([self.items, later.items]), return_inverse=True)
-        counts = np.bincount(inverse, weights=np.concatenate([self.counts, later.counts]))
-        return Popularity.from_counts(items, counts.astype(np.int64))
+        return Popularity.from_counts(*_summed([self.items, later.items], [self.counts, later.counts]))
 
     def lookup(self, items: np.ndarray) -> np.ndarray:
         """Popularity code per item; 0 (unknown) for items this shop has not seen."""
@@ -154,9 +153,8 @@ class ItemCounter:
 
     def _compact(self) -> None:
         if len(self._items) > 1:
-            items, counts = np.concatenate(self._items), np.concatenate(self._counts)
-            keys, inverse = np.unique(items, return_inverse=True)
-            self._items, self._counts = [keys], [np.bincount(inverse, weights=counts).astype(np.int64)]
+            keys, counts = _summed(self._items, self._counts)
+            self._items, self._counts = [keys], [counts]
         self._compacted = self._pending = len(self._items[0]) if self._items else 0
 
     def popularity(self) -> Popularity:
@@ -164,6 +162,12 @@ class ItemCounter:
         if not self._items:
             return Popularity.from_counts(np.zeros(0, np.uint64), np.zeros(0, np.int64))
         return Popularity.from_counts(self._items[0], self._counts[0])
+
+
+def _summed(items: list[np.ndarray], counts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct items and their summed counts over several (items, counts) pieces."""
+    keys, inverse = np.unique(np.concatenate(items), return_inverse=True)
+    return keys, np.bincount(inverse, weights=np.concatenate(counts)).astype(np.int64)
 
 
 def encode(batch: SessionBatch, popularity: Popularity) -> np.ndarray:
@@ -194,7 +198,7 @@ def encode_context(features: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
         + np.searchsorted(np.array(edges, dtype=np.float64), features[:, names.index(feature)], "right")
         for (_, feature, edges), offset in zip(CONTEXT, CONTEXT_OFFSETS, strict=True)
     ]
-    return np.column_stack(columns).astype(np.int32) if columns else np.zeros((len(features), 0), np.int32)
+    return np.column_stack(columns).astype(np.int32)
 
 
 def describe_context(token: int) -> str:

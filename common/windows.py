@@ -34,7 +34,7 @@ class Windows:
     window_index: np.ndarray  # int32
     closes_session: np.ndarray  # bool: the session's last window (framed with <eos>)
     start_ms: np.ndarray  # int64, the session's first event
-    features: np.ndarray  # float32 [n, n_features], for the classical baselines
+    features: np.ndarray  # float32 [n, n_features]: the feature reference's, the context's, the baselines'
     context: np.ndarray  # int32 [n, len(tokens.CONTEXT)]: the session-context tokens, from the features
 
     @classmethod
@@ -92,7 +92,7 @@ class Windows:
         return self.lengths + 1 + self.context.shape[1] + self.closes_session
 
     def framed(self, i: int) -> np.ndarray:
-        """Window i as the model reads it: <bos> context tokens [<eos>]."""
+        """Window i as the model reads it: <bos> context... events... [<eos>]."""
         body = self.tokens[self.offsets[i] : self.offsets[i + 1]]
         tail = [EOS] if self.closes_session[i] else []
         return np.concatenate([[BOS], self.context[i], body, tail]).astype(np.int64)

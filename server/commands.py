@@ -267,8 +267,8 @@ def pretrain(
         list[str] | None,
         typer.Option(
             "--also",
-            help="One more public export as FILE:PRESET, read with its own preset and item popularity "
-            "(repeat).",
+            help="One more public export as FILE:PRESET, read with that preset's own settings and item "
+            "popularity (repeat).",
         ),
     ] = None,
     device: DeviceOption = None,
@@ -289,18 +289,18 @@ def pretrain(
             quarantine_path=out.with_name(f"{out.name}.{k}.quarantine.csv"),
         )
         parts.append(Windows.from_batches(extra.batches(), extra.popularity, extra.report).keyed(f"file-{k}"))
-    windows = Windows.concat(parts)
     names = [source.data.name, *(path.name for path, _ in more)]
     from fedanom.common.artifact import save_backbone  # the model stack, once the data is good
     from fedanom.server.pretrain import pretrain_backbone
 
     err.print(
-        f"pretraining a {architecture} backbone on {windows.n_windows:,} sessions from {', '.join(names)}"
+        f"pretraining a {architecture} backbone on {sum(p.n_windows for p in parts):,} sessions from "
+        f"{', '.join(names)}"
     )
     settings = TrainSettings(
         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, dp=False, seed=seed
     )
-    model, metrics = pretrain_backbone(windows, config, settings, start_from=base_model, device=device)
+    model, metrics = pretrain_backbone(parts, config, settings, start_from=base_model, device=device)
     digest = save_backbone(model, out, {"data": names, "config": asdict(config), **metrics})
     typer.echo(
         f"backbone written to {out} (hash {digest[:12]}): held-out surprise "

@@ -21,7 +21,7 @@ from fedanom.common.windows import Windows
 
 
 def pretrain_backbone(
-    windows: Windows,
+    windows: Windows | list[Windows],
     config: BackboneConfig,
     settings: TrainSettings,
     *,
@@ -29,8 +29,13 @@ def pretrain_backbone(
     device: str | None = None,
 ) -> tuple[PreTrainedModel, dict[str, float]]:
     """Train a backbone on the earlier 90% of sessions, from scratch (a config) or from any compatible
-    model directory; report the held-out NLL per event."""
-    fit_part, held_out = windows.chronological_split(0.9, 0.1)
+    model directory; report the held-out NLL per event. Several sources (exports of different shops and
+    years) are each split in time on their own, so every one is trained on and held out from."""
+    splits = [
+        part.chronological_split(0.9, 0.1) for part in (windows if isinstance(windows, list) else [windows])
+    ]
+    fit_part = Windows.concat([fit for fit, _ in splits])
+    held_out = Windows.concat([held for _, held in splits])
     placed = pick_device(device)
     if start_from is not None:
         model = load_backbone(start_from, placed)

@@ -206,7 +206,7 @@ def local(
 
 def pretrained(s: Sessions, base: Path, seed: int) -> tuple[np.ndarray, np.ndarray]:
     detector = BehaviourDetector.from_backbone(base, s.popularity, lora=LoraSettings(seed=seed))
-    detector.calibrate(s.validation, s.known(s.validation), training=s.train)
+    detector.calibrate(s.validation, s.known(s.validation), training=s.train.select(~s.known(s.train)))
     return detector.decision_function(s.validation), detector.decision_function(s.test)
 
 
