@@ -9,7 +9,7 @@ Simulation Engine, every method on the same sessions):
 - `unlike`: the five real shops as five merchants;
 - `like`: the REES46 sample split among 4 merchants by a Dirichlet(1) partition over categories, users kept
   whole: the merchants a federation exists for;
-- `starved`: the YOOCHOOSE sample split among 4 merchants of Dirichlet(1) sizes; the smallest is
+- `starved`: the longer YOOCHOOSE sample split among 4 merchants of Dirichlet(1) sizes; the smallest is
   data-starved and knows none of its attacks, and it is reported on its own.
 
 The backbone is pretrained on a synthetic public shop, so it has seen neither the period nor the shop it
@@ -38,6 +38,9 @@ SHOPS = {
     "diginetica": "diginetica-sample/sample_train-item-views.csv.gz",
     "talkingdata": "talkingdata-adtracking-sample/train_sample.csv.gz",
 }
+# the starved merchant needs a longer log to split: 70k events, so that the smallest of four still has a
+# few hundred normal test sessions (the 13.5k-event file left it one in a seed)
+YOOCHOOSE_LONG = "yoochoose-rsc15-100k/yoochoose-clicks-100k_train_full.tsv.gz"
 SCENARIOS: dict[str, list[str]] = {
     "unlike": [arg for preset, path in SHOPS.items() for arg in ("--data", f"{DATA / path}:{preset}")],
     "like": [
@@ -49,7 +52,7 @@ SCENARIOS: dict[str, list[str]] = {
         "4",
     ],
     "starved": [
-        *("--data", f"{DATA / SHOPS['yoochoose']}:yoochoose", "--partition", "quantity:1.0"),
+        *("--data", f"{DATA / YOOCHOOSE_LONG}:yoochoose", "--partition", "quantity:1.0"),
         *("--merchants", "4", "--unlabelled", "1"),
     ],
 }
