@@ -9,7 +9,7 @@ validation sessions so that none drowns the others: the sequence model's surpris
 the shop's feature reference (how far into its tails the session's features lie), and the federated
 anomaly head where the federation trains one. The sequence model sees order and context, the reference
 sees rates directly. Which one wins depends on the shop (on REES46 the features, on the click-only
-YOOCHOOSE and DIGINETICA the sequence); together they beat both feature baselines on all three
+YOOCHOOSE and DIGINETICA the sequence); together they beat both feature baselines' AUPRC on all three
 (BENCHMARKS.md, session 7).
 """
 
@@ -52,7 +52,8 @@ from fedanom.common.windows import Windows
 DEFAULT_AGGREGATION = "mean"
 # Each kind of evidence is scaled by its normal sessions' median-to-99th-percentile distance. Measured on
 # three real exports with injected bots, this beat standard deviations (one heavy tail drowned the
-# other kind) and the maximum of the kinds (BENCHMARKS.md, session 7).
+# other kind); the maximum of the scaled kinds instead of their sum is an open question (BENCHMARKS.md,
+# session 7).
 SCALE_TAIL = 0.01
 
 
