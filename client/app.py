@@ -183,10 +183,9 @@ def train(msg: Message, context: Context) -> Message:
         return Message(RecordDict({"arrays": to_record(arrays), "metrics": metrics}), reply_to=msg)
     train_windows, _, _ = merchant.windows()
     model = global_model(merchant, config, incoming)
-    # a merchant's known attacks train the adapter's anomaly head, where the federation's adapter has one
-    head_labels = None
-    if merchant.labels is not None and lora_settings(config).supervised_head:
-        head_labels = read_labels(merchant.labels, train_windows)
+    # a merchant's known attacks stay out of what the sequence model learns as normal, and train the
+    # adapter's anomaly head where the federation's adapter has one
+    known = read_labels(merchant.labels, train_windows) if merchant.labels is not None else None
     settings = TrainSettings(
         epochs=number(config, "local-epochs"),
         batch_size=int(number(config, "batch-size")),
@@ -209,7 +208,7 @@ def train(msg: Message, context: Context) -> Message:
             model,
             train_windows,
             settings,
-            labels=head_labels,
+            labels=known,
             ledger=ledger,
             planned_steps=rounds_left * steps,
         )

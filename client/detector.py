@@ -121,8 +121,9 @@ class BehaviourDetector:
     ) -> TrainReport:
         """Train on the earlier sessions, choose the aggregation and calibrate on the later ones.
 
-        `labels` (optional, 1 = known attack) steer the aggregation choice and keep known attacks out of
-        the threshold; with a supervised head (LoraSettings.supervised_head) they also train it.
+        `labels` (optional, 1 = known attack) keep known attacks out of what the sequence model learns,
+        out of the feature reference and out of the threshold, and steer the aggregation choice; with a
+        supervised head (LoraSettings.supervised_head) they also train it.
         """
         train = train or TrainSettings()
         if labels is not None and len(labels) != windows.n_windows:
@@ -133,9 +134,8 @@ class BehaviourDetector:
         if train.dp and ledger is None:
             ledger = PrivacyLedger.open(None, epsilon_budget=8.0, delta=1.0 / fit_part.n_windows)
         fit_labels = _labels_for(fit_part, windows, labels)
-        head_labels = fit_labels if self.lora.supervised_head else None
         report = train_model(
-            self.model, fit_part, train, labels=head_labels, ledger=ledger, device=self.device
+            self.model, fit_part, train, labels=fit_labels, ledger=ledger, device=self.device
         )
         fit_normal = fit_part if fit_labels is None else fit_part.select(fit_labels == 0)
         self.calibrate(val_part, _labels_for(val_part, windows, labels), alert_rate, training=fit_normal)

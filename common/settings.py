@@ -46,7 +46,7 @@ class TrainSettings:
     epochs: float = 3.0
     batch_size: int = 64  # expected batch size (Poisson sampling under DP)
     # Adam under DP-SGD noise: at 0.02 the anomaly head hardly learned in two rounds (BENCHMARKS.md)
-    learning_rate: float = 5e-2
+    learning_rate: float = 1e-2
     max_grad_norm: float = 1.0  # per-session clipping bound
     dp: bool = True
     grad_sample_mode: str = "hooks"
@@ -73,7 +73,7 @@ RUN_DEFAULTS: dict[str, bool | float | int | str] = {
     "sim-labels": "",
     "local-epochs": 1.0,
     "batch-size": 64,
-    "learning-rate": 0.05,
+    "learning-rate": 0.01,
     "max-grad-norm": 1.0,
     "lora-rank": 8,
     "lora-alpha": 16,
