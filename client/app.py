@@ -3,7 +3,7 @@
 ClientApps are stateless, so everything that must last lives in the merchant's state directory: the
 privacy ledger (ε accumulates across rounds and runs) and the latest global detector, calibrated on the
 merchant's own validation sessions and ready for `fedanom score`. Only the adapter's trained tensors and
-the whitelisted metrics below leave the merchant.
+the whitelisted metrics below leave the merchant, or a failure's fixed code and words (`FAILURES`).
 
 The merchant is described by the SuperNode's node config (`data`, `preset`, `state-dir`, `epsilon`, and
 optionally `base` and `labels`: its known attacks, which train the adapter's anomaly head when the run
@@ -15,10 +15,13 @@ if it matches, else one the server shipped earlier into `<state-dir>/backbones/<
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from logging import ERROR
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from flwr.common.logger import log
 from peft import PeftModel
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -39,8 +43,13 @@ from fedanom.common.model import attach_lora, trainable_state
 from fedanom.common.presets import resolve_preset
 from fedanom.common.privacy import BudgetExhausted, PrivacyLedger
 from fedanom.common.records import (
+    BACKBONE_REFUSED,
+    BUDGET_EXHAUSTED,
     EVALUATE_METRICS,
+    FAILURES,
     HAS_BACKBONE,
+    MERCHANT_FAILED,
+    MERCHANT_SETUP,
     TRAIN_METRICS,
     Metrics,
     flag,
@@ -57,8 +66,6 @@ from fedanom.common.windows import Windows
 
 # The only metrics a merchant reports (a test checks every outgoing message against this list).
 METRIC_KEYS = (*TRAIN_METRICS, *EVALUATE_METRICS)
-BUDGET_EXHAUSTED = 4001  # Error code of a reply from a merchant whose privacy budget is spent
-BACKBONE_REFUSED = 4002  # the shipped backbone did not hash to the announced value
 ALERT_RATE = 0.01  # the received global detector's calibration; `fedanom score --alert-rate` changes it
 
 
@@ -118,12 +125,12 @@ class Merchant:
         return found
 
     def windows(self) -> tuple[Windows, Windows, Popularity]:
-        """This merchant's sessions: the earlier 85% to train on, the later 15% to validate on."""
+        """This merchant's sessions to train on and to validate on (`Windows.holdout`)."""
         ingested = ingest(
             self.data, resolve_preset(self.preset), quarantine_path=self.state_dir / "quarantine.csv"
         )
         windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
-        train, validation = windows.chronological_split(0.85, 0.15)
+        train, validation = windows.holdout()
         return train, validation, ingested.popularity
 
 
@@ -163,7 +170,7 @@ def query(msg: Message, context: Context) -> Message:
         try:
             install_backbone(files, expected, merchant.state_dir / "backbones" / expected)
         except FedanomError as exc:
-            return Message(Error(code=BACKBONE_REFUSED, reason=str(exc)), reply_to=msg)
+            return failed(msg, BACKBONE_REFUSED, exc)
     has = merchant.backbone(expected) is not None
     return Message(RecordDict({"backbone": ConfigRecord({HAS_BACKBONE: has})}), reply_to=msg)
 
@@ -213,7 +220,7 @@ def train(msg: Message, context: Context) -> Message:
             planned_steps=rounds_left * steps,
         )
     except BudgetExhausted as exc:
-        return Message(Error(code=BUDGET_EXHAUSTED, reason=str(exc)), reply_to=msg)
+        return failed(msg, BUDGET_EXHAUSTED, exc)
     values: Metrics = {
         "num-examples": float(train_windows.n_windows),
         "train-loss": report.mean_loss,
@@ -259,12 +266,35 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
 
 
+def failed(msg: Message, code: int, exc: Exception) -> Message:
+    """A failure reply: the code and its fixed words leave the merchant; the details go to its own log."""
+    log(ERROR, "%s: %s", FAILURES[code], exc)
+    return Message(Error(code=code, reason=FAILURES[code]), reply_to=msg)
+
+
+def answering(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """The handler, with anything it raises answered by a fixed failure code instead of Flower's own
+    reply, which would carry the exception's text (a bad row, a file path) to the server."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except FedanomError as exc:
+            return failed(msg, MERCHANT_SETUP, exc)
+        except Exception as exc:
+            log(ERROR, "%s", traceback.format_exc())
+            return failed(msg, MERCHANT_FAILED, exc)
+
+    return wrapped
+
+
 def make_client_app(mods: Sequence[Mod] = ()) -> ClientApp:
     """The merchant's ClientApp (with Flower mods around it, e.g. a test's message recorder)."""
     client_app = ClientApp(mods=list(mods))
-    client_app.query()(query)
-    client_app.train()(train)
-    client_app.evaluate()(evaluate)
+    client_app.query()(answering(query))
+    client_app.train()(answering(train))
+    client_app.evaluate()(answering(evaluate))
     return client_app
 
 

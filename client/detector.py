@@ -44,7 +44,7 @@ from fedanom.common.scoring import AGGREGATIONS, Surprise, aggregate, event_surp
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.settings import LoraSettings, TrainSettings
 from fedanom.common.tokens import Popularity
-from fedanom.common.windows import Windows
+from fedanom.common.windows import VALIDATION_FRACTION, Windows
 
 # Chosen in benchmarks/detector.py on the seeded shop with injected bots: best or tied-best validation
 # AUPRC of the four candidates and best test AUPRC for both architectures (BENCHMARKS.md). Used when a
@@ -117,7 +117,7 @@ class BehaviourDetector:
         train: TrainSettings | None = None,
         ledger: PrivacyLedger | None = None,
         alert_rate: float = 0.01,
-        validation_fraction: float = 0.15,
+        validation_fraction: float = VALIDATION_FRACTION,
     ) -> TrainReport:
         """Train on the earlier sessions, choose the aggregation and calibrate on the later ones.
 
@@ -128,7 +128,7 @@ class BehaviourDetector:
         train = train or TrainSettings()
         if labels is not None and len(labels) != windows.n_windows:
             raise ValueError("labels must have one entry per window")
-        fit_part, val_part = windows.chronological_split(1.0 - validation_fraction, validation_fraction)
+        fit_part, val_part = windows.holdout(validation_fraction)
         if val_part.n_windows == 0 or fit_part.n_windows < 2:
             raise FedanomError(f"{windows.n_windows} sessions are too few to train and validate on")
         if train.dp and ledger is None:

@@ -46,10 +46,18 @@ def text(config: Mapping[str, object], key: str, default: str = "") -> str:
     return value
 
 
-def error_reason(reason: str | None) -> str:
-    """A failed reply's own message, without the Ray and Flower traceback around it."""
-    text = (reason or "").strip().rstrip("'>")
-    return text.rsplit("Message: ", 1)[-1].splitlines()[-1] if text else "unknown error"
+# The only failures a merchant reports: a code, whose fixed words are the whole reason that leaves it.
+# The details (a bad row, a file path) stay in the merchant's own log.
+BUDGET_EXHAUSTED = 4001
+BACKBONE_REFUSED = 4002
+MERCHANT_SETUP = 4003
+MERCHANT_FAILED = 4004
+FAILURES = {
+    BUDGET_EXHAUSTED: "privacy budget exhausted",
+    BACKBONE_REFUSED: "the shipped backbone did not match its announced hash",
+    MERCHANT_SETUP: "the merchant's data or settings are unusable (details in its own log)",
+    MERCHANT_FAILED: "the merchant failed (details in its own log)",
+}
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -1,9 +1,10 @@
 """The operator's Flower ServerApp: rounds of merchants' DP-trained adapters, checked and averaged.
 
-Flower's FedAvg does the sampling and the messaging; every reply then goes through fedanom's checked
-aggregation (server.aggregation), so a malformed or outsized update is logged and left out instead of
-averaged. Merchants that lack the backbone get it first (server.shipping). Each round ends with a
-federated evaluation on every merchant's validation sessions. A round is complete once
+Flower's FedAvg does the sampling and the messaging. Every reply is read as untrusted input
+(server.replies), then goes through fedanom's checked aggregation (server.aggregation), so a malformed,
+implausible or outsized reply is logged and left out instead of averaged. Merchants that lack the
+backbone get it first (server.shipping). Each round ends with a federated evaluation on every
+merchant's validation sessions. A round is complete once
 `<run-dir>/round-<k>/` holds its metrics and then its global adapter; its JSON line (training and
 evaluation, per merchant and combined) is then appended to `<run-dir>/rounds.jsonl`. With `resume` a
 restarted run continues after its last completed round. The final global adapter is written with peft's
@@ -29,8 +30,6 @@ from fedanom.common.model import attach_lora, trainable_state
 from fedanom.common.records import (
     EVALUATE_METRICS,
     RUN_DEFAULTS,
-    TRAIN_METRICS,
-    error_reason,
     flag,
     lora_settings,
     number,
@@ -38,7 +37,8 @@ from fedanom.common.records import (
     to_numpy,
     to_record,
 )
-from fedanom.server.aggregation import Arrays, Update, aggregate
+from fedanom.server.aggregation import Arrays, aggregate
+from fedanom.server.replies import BadReply, evaluate_reply, failure, train_reply
 from fedanom.server.shipping import BackboneShipper
 
 app = ServerApp()
@@ -109,17 +109,20 @@ class CheckedFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrived = time.monotonic()
-        updates, failed, per_client = [], [], {}
+        updates, failed, per_client, unreadable = [], [], {}, []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                failed.append({"node": node, "reason": error_reason(msg.error.reason)})
+                failed.append({"node": node, "reason": failure(msg)})
                 continue
-            metrics = {key: number(msg.content.metric_records["metrics"], key) for key in TRAIN_METRICS}
-            per_client[str(node)] = metrics
-            arrays = to_numpy(msg.content.array_records["arrays"])
-            updates.append(Update(node=node, arrays=arrays, examples=int(metrics["num-examples"])))
+            try:
+                update, per_client[str(node)] = train_reply(msg)
+            except BadReply as exc:
+                unreadable.append((node, str(exc)))
+                continue
+            updates.append(update)
         merged, rejected = aggregate(updates, self.current, method=self.method, norm_bound=self.norm_bound)
+        rejected = unreadable + rejected
         accepted = [u for u in updates if u.node not in {node for node, _ in rejected}]
         combined: dict[str, float] = {}
         if accepted:
@@ -152,20 +155,27 @@ class CheckedFedAvg(FedAvg):
         """Every merchant's validation metrics, and their example-weighted means."""
         self.record["seconds"]["evaluate_round_trip"] = time.monotonic() - self.clock["evaluate_sent"]
         per_client: dict[str, dict[str, float]] = {}
-        failed = []
+        failed, rejected = [], []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                failed.append({"node": node, "reason": error_reason(msg.error.reason)})
+                failed.append({"node": node, "reason": failure(msg)})
                 continue
-            record = msg.content.metric_records["metrics"]
-            per_client[str(node)] = {key: number(record, key) for key in EVALUATE_METRICS if key in record}
+            try:
+                per_client[str(node)] = evaluate_reply(msg)
+            except BadReply as exc:
+                rejected.append({"node": node, "reason": str(exc)})
         combined: dict[str, float] = {}
         for key in EVALUATE_METRICS[1:]:
             weighted = [(m[key], m["num-examples"]) for m in per_client.values() if key in m]
             if weighted:
                 combined[key] = sum(v * n for v, n in weighted) / sum(n for _, n in weighted)
-        self.record["evaluate"] = {"clients": per_client, "failed": failed, "combined": combined}
+        self.record["evaluate"] = {
+            "clients": per_client,
+            "failed": failed,
+            "rejected": rejected,
+            "combined": combined,
+        }
         return MetricRecord(combined) if combined else None  # type: ignore[arg-type]  # floats
 
 

@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedanom.common.artifact import backbone_files, backbone_hash
-from fedanom.common.records import HAS_BACKBONE, error_reason
+from fedanom.server.replies import BadReply, backbone_answer, failure
 
 
 class BackboneShipper:
@@ -62,7 +62,10 @@ class BackboneShipper:
         for reply in grid.send_and_receive(messages, timeout=self.timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                failed[node] = error_reason(reply.error.reason)
-            else:
-                answers[node] = bool(reply.content.config_records["backbone"][HAS_BACKBONE])
+                failed[node] = failure(reply)
+                continue
+            try:
+                answers[node] = backbone_answer(reply)
+            except BadReply as exc:
+                failed[node] = str(exc)
         return answers, failed

@@ -1,11 +1,17 @@
-"""Server-side aggregation: malformed or outsized updates are rejected, never averaged."""
+"""Server-side aggregation: malformed, implausible or outsized replies are rejected, never averaged."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.common import MessageType
 
+from fedanom.common.records import FAILURES, MERCHANT_SETUP
 from fedanom.server.aggregation import AGGREGATORS, Update, aggregate
+from fedanom.server.replies import BadReply, evaluate_reply, failure, train_reply
 
 REFERENCE = {"b1": np.zeros((4, 2), dtype=np.float32), "b2": np.zeros(3, dtype=np.float32)}
 
@@ -67,3 +73,77 @@ def test_median_and_trimmed_mean_resist_one_outlier_within_the_bound() -> None:
     for method in ("median", "trimmed-mean"):
         merged, _ = aggregate(updates, REFERENCE, method=method, norm_bound=1e9)
         assert merged is not None and np.all(merged["b1"] < 1.2), method
+
+
+def reply(content: RecordDict | Error) -> Message:
+    """A merchant's reply as the server receives it (from node 7)."""
+    metadata = Metadata(1, "m", 7, 0, "instruction", "", 0.0, 60.0, MessageType.TRAIN)
+    if isinstance(content, Error):
+        return Message(metadata=metadata, error=content)
+    return Message(metadata=metadata, content=content)
+
+
+GOOD_METRICS = {"num-examples": 120.0, "train-loss": 2.5, "epsilon": 1.2, "train-seconds": 3.0}
+
+
+def train_content(metrics: dict[str, object] | None, arrays: ArrayRecord | None) -> RecordDict:
+    records: dict[str, ArrayRecord | MetricRecord] = {}
+    if metrics is not None:
+        records["metrics"] = MetricRecord(metrics)  # type: ignore[arg-type]
+    if arrays is not None:
+        records["arrays"] = arrays
+    return RecordDict(records)
+
+
+GOOD_ARRAYS = ArrayRecord({name: Array(value) for name, value in REFERENCE.items()})
+
+
+def test_a_well_formed_train_reply_reads_whole() -> None:
+    update, metrics = train_reply(reply(train_content(GOOD_METRICS, GOOD_ARRAYS)))
+    assert update.node == 7 and update.examples == 120 and metrics == GOOD_METRICS
+    assert {k: v.shape for k, v in update.arrays.items()} == {k: v.shape for k, v in REFERENCE.items()}
+
+
+@pytest.mark.parametrize(
+    ("metrics", "arrays", "reason"),
+    [
+        ({**GOOD_METRICS, "num-examples": float("nan")}, GOOD_ARRAYS, "'num-examples' is nan"),
+        ({**GOOD_METRICS, "num-examples": float("inf")}, GOOD_ARRAYS, "'num-examples' is inf"),
+        ({**GOOD_METRICS, "num-examples": 1e12}, GOOD_ARRAYS, "outside [1, 1e+09]"),
+        ({**GOOD_METRICS, "num-examples": 12.5}, GOOD_ARRAYS, "not a whole number"),
+        ({**GOOD_METRICS, "epsilon": -1.0}, GOOD_ARRAYS, "'epsilon' is -1"),
+        ({**GOOD_METRICS, "train-loss": [1.0, 2.0]}, GOOD_ARRAYS, "'train-loss' is not a number"),
+        ({k: v for k, v in GOOD_METRICS.items() if k != "epsilon"}, GOOD_ARRAYS, "no 'epsilon'"),
+        ({**GOOD_METRICS, "user-emails": 3.0}, GOOD_ARRAYS, "outside the whitelist: user-emails"),
+        (None, GOOD_ARRAYS, "no metrics record"),
+        (GOOD_METRICS, None, "no arrays record"),
+        (
+            GOOD_METRICS,
+            ArrayRecord({"b1": Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=b"garbage")}),
+            "do not decode",
+        ),
+    ],
+)
+def test_an_implausible_train_reply_is_refused_with_its_reason(
+    metrics: dict[str, object] | None, arrays: ArrayRecord | None, reason: str
+) -> None:
+    with pytest.raises(BadReply, match=re.escape(reason)):
+        train_reply(reply(train_content(metrics, arrays)))
+
+
+def test_an_evaluate_reply_needs_counted_sessions_and_rates_in_range() -> None:
+    good = {"num-examples": 40, "val-surprise": 3.1, "val-auroc": 0.9}
+    assert evaluate_reply(reply(RecordDict({"metrics": MetricRecord(good)}))) == good  # type: ignore[arg-type]
+    for bad, reason in (
+        ({"val-surprise": 3.1}, "no 'num-examples'"),
+        ({**good, "val-auroc": 1.5}, "outside"),
+    ):
+        with pytest.raises(BadReply, match=reason):
+            evaluate_reply(reply(RecordDict({"metrics": MetricRecord(bad)})))  # type: ignore[arg-type]
+
+
+def test_a_failure_is_read_from_its_code_never_from_the_merchants_text() -> None:
+    leaked = "bad row 17: alice@example.com,4111 1111 1111 1111 in /home/alice/exports/events.csv"
+    assert failure(reply(Error(code=MERCHANT_SETUP, reason=leaked))) == FAILURES[MERCHANT_SETUP]
+    assert failure(reply(Error(code=2, reason=leaked))) == "client app raised exception"
+    assert failure(reply(Error(code=999, reason=leaked))) == "unknown failure code 999"

@@ -7,12 +7,12 @@ sessions must keep close to the 1% alert rate, new items and a changing catalogu
 must be ranked at least as well as by PyOD's IsolationForest fitted on the same training sessions (on
 REES46 within 0.01 of it: the ordering there does not hold in every seed).
 
-Floors, from seeds 0-4 of this setup (BENCHMARKS.md, session 7):
-- false alerts on later normal sessions: REES46 2.3-4.5% (its sample's later sessions are longer than
-  its earlier ones), YOOCHOOSE 0.8-1.2%; before the scored file's items were counted into popularity,
-  49.9% on REES46;
-- AUROC: REES46 0.947-0.988 against IsolationForest's 0.940-0.983, ahead in 3 of 5 seeds and never
-  more than 0.004 behind; YOOCHOOSE 0.827-0.896 against 0.753-0.850, ahead in every seed by 0.046 or more.
+Floors, from seeds 0-4 of this setup (BENCHMARKS.md, session 8):
+- false alerts on later normal sessions: REES46 0.1-0.2%, YOOCHOOSE 0.6-0.9%. Before the scored file's
+  items were counted into popularity, 49.9% on REES46; before the detector calibrated on sessions that
+  had ended when the export did (`Windows.holdout`), 2.3-4.5%;
+- AUROC: REES46 0.936-0.988 against IsolationForest's 0.940-0.983, ahead in 3 of 5 seeds and never
+  more than 0.008 behind; YOOCHOOSE 0.857-0.909 against 0.753-0.850, ahead in every seed by 0.059 or more.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ SAMPLES = {
     "yoochoose": "yoochoose-rsc15-100k/yoochoose-clicks-100k_test.tsv.gz",
 }
 ALERT_RATE = 0.01
-FALSE_ALERTS_FLOOR = 6 * ALERT_RATE
+FALSE_ALERTS_FLOOR = 2 * ALERT_RATE  # the real-traffic issue's target
 AUROC_FLOOR = {"rees46": 0.93, "yoochoose": 0.80}
 BEHIND_FOREST = {"rees46": 0.01, "yoochoose": 0.0}  # how far below IsolationForest's AUROC is allowed
 SEED = 0

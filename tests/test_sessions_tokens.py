@@ -27,6 +27,7 @@ from fedanom.common.tokens import (
     vocabulary_table,
     vocabulary_version,
 )
+from fedanom.common.windows import Windows
 
 HEADER = "user_id,timestamp,event_type,item_id,category,session_id\n"
 
@@ -63,6 +64,19 @@ def test_windows_cover_every_event_and_keep_session_gaps(tmp_path: Path) -> None
     assert batch.session.to_pylist() == ["u:1700000000000"] * 3
     # a continuation window's first event still carries its real gap, not "first event"
     assert batch.gap_ms[batch.offsets[1]] == 2000
+
+
+def test_validation_holds_the_latest_sessions_that_had_ended_when_the_export_did(tmp_path: Path) -> None:
+    """Sessions that may still have been running at the export's end (started later than the export's
+    sessions last) train instead of calibrating; no window is lost."""
+    rows = [f"u{i},{1700000000 + 300 * i + 30 * k},view,i{k},c," for i in range(40) for k in range(3)]
+    rows.append("late,1700011730,view,a,c,")  # started 30 s before the export's last event
+    batches = sessions_of(tmp_path, rows)
+    windows = Windows.from_batches([b for b, _ in batches], batches[0][1])
+    train, validation = windows.holdout(0.15)
+    assert train.n_windows + validation.n_windows == windows.n_windows == 41
+    assert set(validation.user) == {f"u{i}" for i in range(34, 39)}  # the latest 15% of the 39 that ended
+    assert {"late", "u39"} <= set(train.user)
 
 
 def test_token_fields_describe_the_behaviour(tmp_path: Path) -> None:
