@@ -6,6 +6,10 @@ training, and saves what the engine added afterwards, so ε accumulates however 
 δ is fixed at first use (by default 1 / the number of training sessions) and kept, since ε spent under
 different δs does not add up. A run is planned before it starts: its noise is calibrated so that the
 history plus its steps stays within the budget, and a run that cannot fit is refused.
+
+The ledger fails closed. It is written once training has spent something, and every value is checked
+when it is read: a δ or a step that no training could have recorded (an edit, a corrupt disk) refuses
+training with the file and the field named, rather than resetting or under-counting what was spent.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ MAX_NOISE = 50.0  # beyond this a step carries no useful signal: the budget is s
 # noisier runs squeeze into the sliver a run planned to use the whole budget leaves behind.
 EXHAUSTED_SHARE = 0.01
 NOISE_TOLERANCE = 1.002  # the noise search stops within 0.2%, so a planned run leaves < 1% unspent
+MAX_DELTA = 0.1  # δ is 1 / the training sessions by default; beyond this it promises nothing
 
 
 class BudgetExhausted(FedanomError):
@@ -44,17 +49,15 @@ class PrivacyLedger:
         """The ledger in `state_dir` (created on first use), with this call's budget; δ stays as first set."""
         if not (epsilon_budget > 0 and math.isfinite(epsilon_budget)):
             raise FedanomError(f"the privacy budget ε must be a positive number, not {epsilon_budget}")
-        if not 0 < delta < 1:
-            raise FedanomError(f"δ must be between 0 and 1, not {delta}")
+        if not 0 < delta <= MAX_DELTA:
+            raise FedanomError(f"δ must be above 0 and at most {MAX_DELTA}, not {delta}")
         if state_dir is None:
             return cls(epsilon_budget=epsilon_budget, delta=delta)
         path = Path(state_dir) / LEDGER_FILE
         if path.exists():
             delta, history = _read(path)
             return cls(epsilon_budget=epsilon_budget, delta=delta, history=history, path=path)
-        ledger = cls(epsilon_budget=epsilon_budget, delta=delta, path=path)
-        ledger.save()
-        return ledger
+        return cls(epsilon_budget=epsilon_budget, delta=delta, path=path)
 
     @classmethod
     def spent_in(cls, state_dir: str | Path) -> float:
@@ -119,11 +122,34 @@ class PrivacyLedger:
 
 
 def _read(path: Path) -> tuple[float, list[tuple[float, float, int]]]:
-    """(δ, accountant history) from a ledger file."""
+    """(δ, accountant history) from a ledger file, every value checked."""
     try:
         saved = json.loads(path.read_text())
-        return float(saved["delta"]), [(float(s), float(q), int(n)) for s, q, n in saved["history"]]
+        delta, history = saved["delta"], [(s, q, n) for s, q, n in saved["history"]]
     except (ValueError, KeyError, TypeError):
-        raise FedanomError(
-            f"{path} is not a readable privacy ledger; it must not be edited by hand"
-        ) from None
+        raise _untrusted(path, "its layout") from None
+    if saved.get("accountant") != "rdp":
+        raise _untrusted(path, "'accountant'")
+    if not (_is_number(delta) and 0 < delta <= MAX_DELTA):
+        raise _untrusted(path, f"'delta' ({delta!r})")
+    if not history:
+        raise _untrusted(path, "'history', which is empty though a ledger is only written after spending")
+    for i, (sigma, rate, steps) in enumerate(history, 1):
+        if not (_is_number(sigma) and 0 < sigma <= MAX_NOISE):
+            raise _untrusted(path, f"history entry {i}'s noise multiplier ({sigma!r})")
+        if not (_is_number(rate) and 0 < rate <= 1):
+            raise _untrusted(path, f"history entry {i}'s sampling rate ({rate!r})")
+        if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+            raise _untrusted(path, f"history entry {i}'s steps ({steps!r})")
+    return float(delta), [(float(s), float(q), int(n)) for s, q, n in history]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _untrusted(path: Path, field: str) -> FedanomError:
+    return FedanomError(
+        f"{path}: {field} is not what training records, so the privacy spent cannot be trusted and "
+        "training is refused; a privacy ledger must not be edited by hand"
+    )

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 from flwr.common import MessageType
 
 from fedanom.common.records import FAILURES, MERCHANT_SETUP
@@ -79,15 +80,15 @@ def reply(content: RecordDict | Error) -> Message:
     """A merchant's reply as the server receives it (from node 7)."""
     metadata = Metadata(1, "m", 7, 0, "instruction", "", 0.0, 60.0, MessageType.TRAIN)
     if isinstance(content, Error):
-        return Message(metadata=metadata, error=content)
-    return Message(metadata=metadata, content=content)
+        return Message(metadata=metadata, error=content)  # type: ignore[call-overload]
+    return Message(metadata=metadata, content=content)  # type: ignore[call-overload]
 
 
 GOOD_METRICS = {"num-examples": 120.0, "train-loss": 2.5, "epsilon": 1.2, "train-seconds": 3.0}
 
 
-def train_content(metrics: dict[str, object] | None, arrays: ArrayRecord | None) -> RecordDict:
-    records: dict[str, ArrayRecord | MetricRecord] = {}
+def train_content(metrics: Mapping[str, object] | None, arrays: ArrayRecord | None) -> RecordDict:
+    records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
     if metrics is not None:
         records["metrics"] = MetricRecord(metrics)  # type: ignore[arg-type]
     if arrays is not None:
@@ -125,7 +126,7 @@ def test_a_well_formed_train_reply_reads_whole() -> None:
     ],
 )
 def test_an_implausible_train_reply_is_refused_with_its_reason(
-    metrics: dict[str, object] | None, arrays: ArrayRecord | None, reason: str
+    metrics: Mapping[str, object] | None, arrays: ArrayRecord | None, reason: str
 ) -> None:
     with pytest.raises(BadReply, match=re.escape(reason)):
         train_reply(reply(train_content(metrics, arrays)))

@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import MessageType
 from flwr.simulation import run_simulation
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -31,7 +32,15 @@ from fedanom.common.errors import FedanomError
 from fedanom.common.ingest import ingest
 from fedanom.common.model import HEAD
 from fedanom.common.presets import resolve_preset
-from fedanom.common.records import HAS_BACKBONE, flag, lora_settings, to_numpy, to_record
+from fedanom.common.records import (
+    FAILURES,
+    HAS_BACKBONE,
+    MERCHANT_SETUP,
+    flag,
+    lora_settings,
+    to_numpy,
+    to_record,
+)
 from fedanom.common.settings import RUN_DEFAULTS
 from fedanom.common.windows import Windows
 from fedanom.server.app import build_app
@@ -270,3 +279,30 @@ def test_a_spent_budget_is_answered_not_overdrawn(federation: Path) -> None:
     for i in range(3):
         ledger = json.loads((federation / "budget" / f"merchant-{i}" / "privacy.json").read_text())
         assert len(ledger["history"]) == 1  # nothing was spent by the second run
+
+
+@pytest.mark.parametrize("handler", [merchant_app.train, merchant_app.evaluate])
+def test_a_failing_merchant_sends_a_fixed_code_and_keeps_its_data_to_itself(
+    tmp_path: Path, handler: Any
+) -> None:
+    """The failure reply of a merchant whose export is unusable carries neither its rows nor its path."""
+    secret = tmp_path / "alice@example.com-4111111111111111"
+    secret.mkdir()
+    export = secret / "events.csv"
+    export.write_text(
+        "user_id,timestamp,event_type,item_id\nalice@example.com,yesterday,view,4111111111111111\n"
+    )
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"data": str(export), "state-dir": str(tmp_path / "state"), "epsilon": 8.0},
+        state=RecordDict(),
+        run_config={},
+    )
+    config = ConfigRecord({"server-round": 1, "round-offset": 0, "backbone-hash": "0" * 64})
+    instruction = Metadata(1, "m", 0, 7, "", "", 0.0, 60.0, MessageType.TRAIN)
+    content = RecordDict({"config": config, "arrays": ArrayRecord()})
+    msg = Message(metadata=instruction, content=content)  # type: ignore[call-overload]
+    reply = merchant_app.answering(handler)(msg, context)
+    assert reply.has_error() and reply.error.code == MERCHANT_SETUP
+    assert reply.error.reason == FAILURES[MERCHANT_SETUP]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,8 +14,9 @@ from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader
 
 from fedanom.client.training import Example, collate, make_private, sequence_loss, train_model
+from fedanom.common.errors import FedanomError
 from fedanom.common.model import attach_lora, build_backbone, pad_batch, trainable_state
-from fedanom.common.privacy import BudgetExhausted, PrivacyLedger
+from fedanom.common.privacy import LEDGER_FILE, BudgetExhausted, PrivacyLedger
 from fedanom.common.settings import ARCHITECTURE_NAMES, BackboneConfig, LoraSettings, TrainSettings
 from fedanom.common.tokens import BOS, CONTEXT, CONTEXT_OFFSETS, CONTEXT_WIDTHS, EOS
 from fedanom.common.windows import Windows
@@ -133,7 +137,7 @@ def test_reported_epsilon_is_the_accountants_for_the_steps_taken(tmp_path: Path)
     independent.history = [(report.noise_multiplier, 30 / 300, report.steps)]
     assert report.epsilon_spent == pytest.approx(independent.get_epsilon(1e-3), rel=1e-9)
     assert report.epsilon_spent <= 4.0
-    reopened = PrivacyLedger.open(tmp_path, epsilon_budget=4.0, delta=0.5)
+    reopened = PrivacyLedger.open(tmp_path, epsilon_budget=4.0, delta=0.05)
     assert reopened.delta == 1e-3  # δ is fixed at first use
     assert reopened.spent() == pytest.approx(report.epsilon_spent, rel=1e-12)
 
@@ -152,3 +156,41 @@ def test_the_budget_is_never_exceeded_across_runs(tmp_path: Path) -> None:
     assert all(e <= 1.0 for e in spent)
     assert spent == sorted(spent)  # ε only accumulates
     assert PrivacyLedger.open(tmp_path, epsilon_budget=1.0, delta=1e-3).spent() <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda saved: saved.update(delta=0.99), "'delta' (0.99)"),
+        (lambda saved: saved.update(history=[]), "'history'"),
+        (lambda saved: saved["history"][0].__setitem__(2, -2074), "history entry 1's steps (-2074)"),
+        (lambda saved: saved["history"][0].__setitem__(2, 2.5), "history entry 1's steps (2.5)"),
+        (
+            lambda saved: saved["history"][0].__setitem__(0, float("nan")),
+            "history entry 1's noise multiplier (nan)",
+        ),
+        (lambda saved: saved["history"][0].__setitem__(0, -1.0), "history entry 1's noise multiplier (-1.0)"),
+        (lambda saved: saved["history"][0].__setitem__(1, 3.0), "history entry 1's sampling rate (3.0)"),
+        (lambda saved: saved.pop("delta"), "its layout"),
+    ],
+)
+def test_an_implausible_ledger_refuses_training_and_is_left_as_it_was(
+    tmp_path: Path, edit: Any, field: str
+) -> None:
+    """Fails closed: the file and field named, nothing reset, nothing under-counted."""
+    ledger = PrivacyLedger.open(tmp_path, epsilon_budget=4.0, delta=1e-3)
+    spent = RDPAccountant()
+    spent.history = [(1.1, 0.1, 10)]
+    ledger.record(spent)
+    path = tmp_path / LEDGER_FILE
+    saved = json.loads(path.read_text())
+    edit(saved)
+    path.write_text(json.dumps(saved))
+    before = path.read_text()
+    for read in (
+        lambda: PrivacyLedger.open(tmp_path, epsilon_budget=4.0, delta=1e-3),
+        lambda: PrivacyLedger.spent_in(tmp_path),
+    ):
+        with pytest.raises(FedanomError, match=re.escape(f"{path}: {field}")):
+            read()
+    assert path.read_text() == before
