@@ -130,7 +130,12 @@ class BehaviourDetector:
             raise ValueError("labels must have one entry per window")
         fit_part, val_part = windows.holdout(validation_fraction)
         if val_part.n_windows == 0 or fit_part.n_windows < 2:
-            raise FedanomError(f"{windows.n_windows} sessions are too few to train and validate on")
+            sessions = len(set(windows.session))
+            raise FedanomError(
+                f"{sessions} session{'s' * (sessions != 1)} ({windows.n_windows} windows of up to "
+                f"{self.session.window} events) are too few to train and validate on: both need "
+                "sessions of their own"
+            )
         if train.dp and ledger is None:
             ledger = PrivacyLedger.open(None, epsilon_budget=8.0, delta=1.0 / fit_part.n_windows)
         fit_labels = _labels_for(fit_part, windows, labels)

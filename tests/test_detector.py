@@ -228,3 +228,16 @@ def test_supervised_head_trains_on_labels_and_stays_plain_peft_loadable(
     with torch.inference_mode():
         got = plain_nll(plain(input_ids=ids, attention_mask=mask).logits[0, :-1], ids[0, 1:])
         torch.testing.assert_close(got, next_token_nll(detector.model, ids, mask)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_one_long_session_is_called_one_session_not_its_windows(tmp_path: Path, tiny_backbone: Path) -> None:
+    path = tmp_path / "one-shopper.csv"
+    path.write_text(
+        "user_id,item_id,category_id,behavior_type,timestamp\n"
+        + "".join(f"7,{i % 50},1,pv,{1_700_000_000 + i}\n" for i in range(1_000))
+    )
+    ingested = ingest(path, resolve_preset("taobao"))
+    windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
+    detector = BehaviourDetector.from_backbone(tiny_backbone, ingested.popularity)
+    with pytest.raises(FedanomError, match=r"^1 session \(8 windows of up to 128 events\) are too few"):
+        detector.fit(windows, train=TrainSettings(dp=False, epochs=1))
