@@ -59,9 +59,9 @@ DEFAULT_AGGREGATION = "mean"
 SCALE_TAIL = 0.01
 # Known attacks among the validation sessions before labels may leave a kind of evidence out of the score.
 # Which kind carries the signal depends on the shop: on one REES46 / YOOCHOOSE merchant each (3 seeds,
-# DP fit with the head) the kinds chosen on validation gave test AUPRC 0.642 against 0.608 for all of them,
-# but with 6 known attacks the choice dropped the feature reference that held REES46's signal (BENCHMARKS.md,
-# session 8).
+# DP fit with the head or not, 12 fits) the kinds chosen with this minimum gave test AUPRC 0.680 against
+# 0.608 for all of them; with 6 known attacks the choice had dropped the feature reference that held
+# REES46's signal (BENCHMARKS.md, session 8).
 MIN_KNOWN_TO_CHOOSE = 10
 
 
@@ -186,12 +186,13 @@ class BehaviourDetector:
         self.reference = FeatureReference.fit(training.features)
         surprise = event_surprise(self.model, validation, device=self.device)
         self.aggregation = self._choose_aggregation(surprise, validation, labels)
+        evidence = self._evidence(surprise, validation)
         scaled = {}
-        for name, values in self._evidence(surprise, validation).items():
+        for name, values in evidence.items():
             median, top = np.quantile(values[normal], [0.5, 1.0 - SCALE_TAIL])
             scaled[name] = (float(median), float(top - median) or 1.0)
         self.score_mix = {}
-        for name in self._choose_kinds(surprise, validation, labels, scaled):
+        for name in self._choose_kinds(evidence, labels, scaled):
             self.score_mix[f"{name}_median"], self.score_mix[f"{name}_scale"] = scaled[name]
         self.calibration = Calibration.from_scores(self.combine(surprise, validation)[normal], alert_rate)
         return surprise
@@ -239,12 +240,9 @@ class BehaviourDetector:
             raise FedanomError("the detector is not calibrated: fit it first")
         return self.calibration.threshold(alert_rate)
 
+    @staticmethod
     def _choose_kinds(
-        self,
-        surprise: Surprise,
-        windows: Windows,
-        labels: np.ndarray | None,
-        scaled: dict[str, tuple[float, float]],
+        evidence: dict[str, np.ndarray], labels: np.ndarray | None, scaled: dict[str, tuple[float, float]]
     ) -> tuple[str, ...]:
         """The kinds of evidence the score sums: all of them, unless the validation sessions hold at
         least MIN_KNOWN_TO_CHOOSE known attacks; then the combination with the best validation AUPRC
@@ -252,7 +250,6 @@ class BehaviourDetector:
         names = tuple(scaled)
         if labels is None or labels.sum() < MIN_KNOWN_TO_CHOOSE or labels.all():
             return names
-        evidence = self._evidence(surprise, windows)
         parts = {name: (evidence[name] - scaled[name][0]) / scaled[name][1] for name in names}
         combinations = [c for r in range(len(names), 0, -1) for c in itertools.combinations(names, r)]
         return max(combinations, key=lambda c: average_precision_score(labels, sum(parts[k] for k in c)))
