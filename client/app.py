@@ -77,6 +77,7 @@ class Merchant:
     epsilon: float
     base: Path | None  # the merchant's own copy of the backbone, if it has one
     labels: Path | None = None  # known attacks among its sessions, to measure the global detector with
+    simulated: bool = False  # a research run: its DP noise is seeded per round, so it can be reproduced
 
     @classmethod
     def from_context(cls, context: Context, config: Mapping[str, object]) -> Merchant:
@@ -102,6 +103,7 @@ class Merchant:
             epsilon=number(config, "epsilon"),
             base=Path(text(config, "base")),
             labels=Path(known) if known else None,
+            simulated=True,
         )
 
     def backbone(self, expected_hash: str) -> Path | None:
@@ -198,7 +200,7 @@ def train(msg: Message, context: Context) -> Message:
         batch_size=int(number(config, "batch-size")),
         learning_rate=number(config, "learning-rate"),
         max_grad_norm=number(config, "max-grad-norm"),
-        seed=this_round,
+        seed=this_round if merchant.simulated else None,
         dp=flag(config, "dp"),
     )
     steps = math.ceil(
@@ -250,6 +252,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         provenance={
             "federated_round": int(number(config, "server-round") + number(config, "round-offset")),
             "epsilon": PrivacyLedger.spent_in(merchant.state_dir),
+            "noise": "seeded" if merchant.simulated else "os-entropy",  # of this merchant's own updates
         },
     )
     # known attacks choose the score aggregation and are left out of the threshold, as in `fedanom train`

@@ -158,6 +158,7 @@ class BehaviourDetector:
                 "sessions": report.sessions,
                 "steps": report.steps,
                 "dp": train.dp,
+                "noise": report.noise,
                 "epsilon": report.epsilon_spent,
                 "delta": report.delta,
                 "noise_multiplier": report.noise_multiplier,

@@ -10,6 +10,7 @@ steps actually taken.
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ class TrainReport:
     noise_multiplier: float | None = None
     epsilon_spent: float | None = None  # total for this merchant after the run
     delta: float | None = None
+    noise: str = "seeded"  # "seeded" (reproducible research run) or "os-entropy" (unpredictable)
 
 
 Example = tuple[np.ndarray, float]  # a framed window and its label (-1: unknown)
@@ -125,7 +127,9 @@ def train_model(
         raise FedanomError("training needs at least 2 sessions")
     if settings.dp and ledger is None:
         raise ValueError("DP training needs a privacy ledger")
-    torch.manual_seed(settings.seed)
+    # Opacus's secure_mode needs torchcsprng, which has no build for this torch: a fresh 64-bit seed from
+    # the OS per run makes the noise unpredictable instead (the "at least" option)
+    torch.manual_seed(settings.seed if settings.seed is not None else secrets.randbits(64))
     started = time.perf_counter()
     n = windows.n_windows
     batch_size = min(settings.batch_size, n)
@@ -161,7 +165,11 @@ def train_model(
         losses.append(loss.item())
         taken += 1
     report = TrainReport(
-        steps=taken, sessions=n, mean_loss=float(np.mean(losses)), seconds=time.perf_counter() - started
+        steps=taken,
+        sessions=n,
+        mean_loss=float(np.mean(losses)),
+        seconds=time.perf_counter() - started,
+        noise="seeded" if settings.seed is not None else "os-entropy",
     )
     if engine is not None and ledger is not None:
         ledger.record(engine.accountant)

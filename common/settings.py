@@ -50,7 +50,9 @@ class TrainSettings:
     max_grad_norm: float = 1.0  # per-session clipping bound
     dp: bool = True
     grad_sample_mode: str = "hooks"
-    seed: int = 0
+    # None: sampling and DP noise come from a seed drawn from the OS's entropy, so nobody can regenerate
+    # the noise and subtract it (every deployed run); a number makes a research run reproducible
+    seed: int | None = None
 
 
 # The federation's run config with its defaults. pyproject.toml's [tool.flwr.app.config] repeats them

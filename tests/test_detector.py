@@ -73,7 +73,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> Fitted:
     # unlabelled threshold would sit among the bots and flag no normal session at all
     dev_labels = np.array([kind_of[u] != "" for u in dev.user], dtype=np.int8)
     detector = BehaviourDetector.from_backbone(base, popularity)
-    detector.fit(dev, dev_labels, train=TrainSettings(epochs=3), ledger=ledger)
+    detector.fit(dev, dev_labels, train=TrainSettings(epochs=3, seed=0), ledger=ledger)
     kinds = np.array([kind_of[u] for u in test.user])
     return Fitted(detector, base, dev, dev_labels, popularity, test, kinds != "", kinds)
 
@@ -209,7 +209,7 @@ def test_supervised_head_trains_on_labels_and_stays_plain_peft_loadable(
         fitted.base, fitted.popularity, lora=LoraSettings(supervised_head=True)
     )
     ledger = PrivacyLedger(epsilon_budget=8.0, delta=1.0 / fitted.dev.n_windows)
-    detector.fit(fitted.dev, fitted.dev_labels, train=TrainSettings(epochs=3), ledger=ledger)
+    detector.fit(fitted.dev, fitted.dev_labels, train=TrainSettings(epochs=3, seed=0), ledger=ledger)
     assert detector.score_mix is not None
     surprise = detector.surprise(fitted.test)
     assert surprise.head is not None and np.ptp(surprise.head) > 0

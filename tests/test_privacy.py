@@ -124,6 +124,22 @@ def test_one_dp_step_changes_the_adapter_and_only_b_under_ffa() -> None:
             assert torch.equal(p.detach(), a_before[n])
 
 
+def test_deployed_noise_is_unpredictable_and_only_a_research_seed_repeats_it() -> None:
+    def adapter_after_dp_run(seed: int | None) -> tuple[dict[str, torch.Tensor], str]:
+        model = attach_lora(build_backbone(TINY, seed=1), LoraSettings(rank=2))
+        ledger = PrivacyLedger(epsilon_budget=8.0, delta=1e-3)
+        settings = TrainSettings(epochs=0.2, batch_size=20, seed=seed)
+        report = train_model(model, toy_windows(100), settings, ledger=ledger)
+        return trainable_state(model), report.noise
+
+    first, second = adapter_after_dp_run(None), adapter_after_dp_run(None)
+    assert first[1] == second[1] == "os-entropy"
+    assert any(not torch.equal(first[0][n], second[0][n]) for n in first[0])
+    seeded, again = adapter_after_dp_run(5), adapter_after_dp_run(5)
+    assert seeded[1] == "seeded"
+    assert all(torch.equal(seeded[0][n], again[0][n]) for n in seeded[0])
+
+
 def test_reported_epsilon_is_the_accountants_for_the_steps_taken(tmp_path: Path) -> None:
     ledger = PrivacyLedger.open(tmp_path, epsilon_budget=4.0, delta=1e-3)
     report = train_model(
