@@ -39,7 +39,7 @@ from fedanom.common.artifact import backbone_hash, install_backbone, load_backbo
 from fedanom.common.errors import FedanomError
 from fedanom.common.ingest import ingest
 from fedanom.common.labels import read_labels
-from fedanom.common.model import attach_lora, trainable_state
+from fedanom.common.model import HEAD, attach_lora, trainable_state
 from fedanom.common.presets import resolve_preset
 from fedanom.common.privacy import BudgetExhausted, PrivacyLedger
 from fedanom.common.records import (
@@ -195,6 +195,10 @@ def train(msg: Message, context: Context) -> Message:
     # a merchant's known attacks stay out of what the sequence model learns as normal, and train the
     # adapter's anomaly head where the federation's adapter has one
     known = read_labels(merchant.labels, train_windows) if merchant.labels is not None else None
+    sent = set(trainable_state(model))
+    if known is None:  # nothing to teach the head: it goes back as it came, not moved by DP noise alone
+        for name, param in model.named_parameters():
+            param.requires_grad_(param.requires_grad and HEAD not in name)
     settings = TrainSettings(
         epochs=number(config, "local-epochs"),
         batch_size=int(number(config, "batch-size")),
@@ -229,7 +233,7 @@ def train(msg: Message, context: Context) -> Message:
         "epsilon": report.epsilon_spent or 0.0,
         "train-seconds": report.seconds,
     }
-    update = {name: t.numpy() for name, t in trainable_state(model).items()}
+    update = {name: p.detach().cpu().numpy() for name, p in model.named_parameters() if name in sent}
     kept.parent.mkdir(parents=True, exist_ok=True)
     np.savez(kept, **update, **{f"metric:{k}": np.float64(v) for k, v in values.items()})  # type: ignore[arg-type]
     return Message(RecordDict({"arrays": to_record(update), "metrics": MetricRecord(values)}), reply_to=msg)

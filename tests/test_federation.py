@@ -135,6 +135,17 @@ def test_every_round_averages_every_merchant(federation: Path) -> None:
         assert any(not np.array_equal(one[name], two[name]) for name in one.files)
 
 
+def test_merchants_without_labels_send_the_head_back_unchanged(federation: Path) -> None:
+    """Their only gradient for the head would be DP noise: it must not move the federation's head."""
+    with np.load(federation / "run" / "round-1" / "adapter.npz") as received:
+        for i in range(3):
+            (reply,) = (federation / "state" / f"merchant-{i}" / "replies").glob("round-2-*.npz")
+            with np.load(reply) as answer:
+                heads = [name for name in received.files if HEAD in name]
+                same = [np.array_equal(answer[name], received[name]) for name in heads]
+                assert heads and all(same) == (i > 0), f"merchant {i}"
+
+
 def test_privacy_accumulates_per_merchant_within_budget(federation: Path) -> None:
     first, second = rounds(federation)
     for node, metrics in second["clients"].items():
