@@ -65,8 +65,8 @@ def parts(shop: str, seed: int, work: Path, args: argparse.Namespace) -> None:
     assert detector.reference is not None
     sequence = aggregate(surprise, s.test, detector.aggregation)
     events = sequence - surprise.context.sum(1)
-    kinds = detector._evidence(surprise, s.test)
-    validation = detector._evidence(detector.surprise(s.validation), s.validation)
+    kinds = detector.evidence(surprise, s.test)
+    validation = detector.evidence(detector.surprise(s.validation), s.validation)
     normal = ~s.known(s.validation)
     summed = sum(
         (kinds[k] - np.median(v[normal])) / (np.quantile(v[normal], 0.99) - np.median(v[normal]) or 1.0)

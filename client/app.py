@@ -50,6 +50,7 @@ from fedanom.common.records import (
     HAS_BACKBONE,
     MERCHANT_FAILED,
     MERCHANT_SETUP,
+    SCORE_HEAD,
     TRAIN_METRICS,
     Metrics,
     flag,
@@ -263,12 +264,20 @@ def evaluate(msg: Message, context: Context) -> Message:
     known = read_labels(merchant.labels, validation) if merchant.labels is not None else None
     if merchant.labels is not None:  # the feature reference describes the shop's normal sessions
         train_windows = train_windows.select(read_labels(merchant.labels, train_windows) == 0)
-    surprise = detector.calibrate(validation, known, ALERT_RATE, training=train_windows)
+    score_head = config.get(SCORE_HEAD, True)
+    if not isinstance(score_head, bool):
+        raise FedanomError(f"config value '{SCORE_HEAD}' must be true or false, not {score_head!r}")
+    surprise = detector.calibrate(
+        validation, known, ALERT_RATE, training=train_windows, score_head=score_head
+    )
     values: Metrics = {"num-examples": validation.n_windows, "val-surprise": float(np.mean(surprise.event))}
     if known is not None and 0 < known.sum() < len(known):
         scores = detector.combine(surprise, validation)
         values["val-auroc"] = float(roc_auc_score(known, scores))
         values["val-auprc"] = float(average_precision_score(known, scores))
+        head_check = detector.head_auprc(surprise, validation, known)
+        if head_check is not None:
+            values["val-auprc-with-head"], values["val-auprc-without-head"] = head_check
     detector.save(merchant.state_dir / "detector")
     return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
 

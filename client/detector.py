@@ -174,26 +174,25 @@ class BehaviourDetector:
         alert_rate: float = 0.01,
         *,
         training: Windows,
+        score_head: bool = True,
     ) -> Surprise:
         """Fit the shop's feature reference on its normal training sessions (`training`, known attacks
         left out by the caller); on the validation ones choose the
         event aggregation (by AUPRC, where labels show attacks), scale each kind of evidence and
         set the threshold at `alert_rate` of the normal sessions. Returns the validation surprise it read.
-        `fit` ends with it, a federated merchant calls it on the global adapter, and so does the
-        simulation's untrained baseline."""
+        `fit` ends with it, a federated merchant calls it on the global adapter (`score_head`: the
+        federation's word on the head, for a merchant whose labels cannot choose the kinds), and so does
+        the simulation's untrained baseline."""
         normal = ~labels.astype(bool) if labels is not None else np.ones(validation.n_windows, bool)
         if not normal.any():
             raise FedanomError("no normal validation sessions to calibrate the threshold on")
         self.reference = FeatureReference.fit(training.features)
         surprise = event_surprise(self.model, validation, device=self.device)
         self.aggregation = self._choose_aggregation(surprise, validation, labels)
-        evidence = self._evidence(surprise, validation)
-        scaled = {}
-        for name, values in evidence.items():
-            median, top = np.quantile(values[normal], [0.5, 1.0 - SCALE_TAIL])
-            scaled[name] = (float(median), float(top - median) or 1.0)
+        evidence = self.evidence(surprise, validation)
+        scaled = _scales(evidence, normal)
         self.score_mix = {}
-        for name in self._choose_kinds(evidence, labels, scaled):
+        for name in self._choose_kinds(evidence, labels, scaled, score_head):
             self.score_mix[f"{name}_median"], self.score_mix[f"{name}_scale"] = scaled[name]
         self.calibration = Calibration.from_scores(self.combine(surprise, validation)[normal], alert_rate)
         return surprise
@@ -211,12 +210,13 @@ class BehaviourDetector:
         if mix is None:
             raise FedanomError("the detector is not calibrated: fit it first")
         score = np.zeros(windows.n_windows)
-        for name, values in self._evidence(surprise, windows).items():
+        for name, values in self.evidence(surprise, windows).items():
             if f"{name}_scale" in mix:  # a kind that labels chose to leave out has no scale
                 score += (values - mix[f"{name}_median"]) / mix[f"{name}_scale"]
         return score
 
-    def _evidence(self, surprise: Surprise, windows: Windows) -> dict[str, np.ndarray]:
+    def evidence(self, surprise: Surprise, windows: Windows) -> dict[str, np.ndarray]:
+        """Each kind of evidence about each window, unscaled: sequence, features, head (where present)."""
         evidence = {"sequence": aggregate(surprise, windows, self.aggregation)}
         if self.reference is not None:
             evidence["features"] = self.reference.surprise(windows.features)
@@ -241,16 +241,36 @@ class BehaviourDetector:
             raise FedanomError("the detector is not calibrated: fit it first")
         return self.calibration.threshold(alert_rate)
 
+    def head_auprc(
+        self, surprise: Surprise, validation: Windows, labels: np.ndarray | None
+    ) -> tuple[float, float] | None:
+        """Validation AUPRC of the unsupervised kinds summed, with and without the anomaly head (None
+        without a head or without labels of both kinds). A federation weighs these from its labelled
+        merchants to decide the head for those whose own labels are too few to choose."""
+        evidence = self.evidence(surprise, validation)
+        if "head" not in evidence or labels is None or labels.min() == labels.max():
+            return None
+        scaled = _scales(evidence, ~labels.astype(bool))
+        parts = {name: (values - scaled[name][0]) / scaled[name][1] for name, values in evidence.items()}
+        without = sum(values for name, values in parts.items() if name != "head")
+        return (
+            float(average_precision_score(labels, without + parts["head"])),
+            float(average_precision_score(labels, without)),
+        )
+
     @staticmethod
     def _choose_kinds(
-        evidence: dict[str, np.ndarray], labels: np.ndarray | None, scaled: dict[str, tuple[float, float]]
+        evidence: dict[str, np.ndarray],
+        labels: np.ndarray | None,
+        scaled: dict[str, tuple[float, float]],
+        score_head: bool = True,
     ) -> tuple[str, ...]:
-        """The kinds of evidence the score sums: all of them, unless the validation sessions hold at
-        least MIN_KNOWN_TO_CHOOSE known attacks; then the combination with the best validation AUPRC
-        (ties go to the one with more kinds)."""
+        """The kinds of evidence the score sums: all of them (the head only if `score_head`), unless the
+        validation sessions hold at least MIN_KNOWN_TO_CHOOSE known attacks; then the combination with
+        the best validation AUPRC (ties go to the one with more kinds)."""
         names = tuple(scaled)
         if labels is None or labels.sum() < MIN_KNOWN_TO_CHOOSE or labels.all():
-            return names
+            return tuple(name for name in names if score_head or name != "head")
         parts = {name: (evidence[name] - scaled[name][0]) / scaled[name][1] for name in names}
         combinations = [c for r in range(len(names), 0, -1) for c in itertools.combinations(names, r)]
         return max(combinations, key=lambda c: average_precision_score(labels, sum(parts[k] for k in c)))
@@ -303,6 +323,15 @@ class BehaviourDetector:
             reference=reference,
             device=placed,
         )
+
+
+def _scales(evidence: dict[str, np.ndarray], normal: np.ndarray) -> dict[str, tuple[float, float]]:
+    """Per kind of evidence: the median of the normal sessions and its distance to their top SCALE_TAIL."""
+    scaled = {}
+    for name, values in evidence.items():
+        median, top = np.quantile(values[normal], [0.5, 1.0 - SCALE_TAIL])
+        scaled[name] = (float(median), float(top - median) or 1.0)
+    return scaled
 
 
 def _labels_for(part: Windows, whole: Windows, labels: np.ndarray | None) -> np.ndarray | None:

@@ -16,9 +16,20 @@ from fedanom.common.errors import FedanomError
 from fedanom.common.settings import RUN_DEFAULTS, LoraSettings
 
 # What a merchant reports: the whole list. After training a round, all of TRAIN_METRICS; after evaluating
-# the global adapter, "num-examples" and "val-surprise", plus "val-auroc" / "val-auprc" when it holds labels.
+# the global adapter, "num-examples" and "val-surprise", plus "val-auroc" / "val-auprc" when it holds labels,
+# and with an anomaly head the AUPRC of its unsupervised kinds of evidence summed with and without the head.
 TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "train-seconds")
-EVALUATE_METRICS = ("num-examples", "val-surprise", "val-auroc", "val-auprc")
+EVALUATE_METRICS = (
+    "num-examples",
+    "val-surprise",
+    "val-auroc",
+    "val-auprc",
+    "val-auprc-with-head",
+    "val-auprc-without-head",
+)
+# The server's word to every merchant, each evaluation, on whether a score its labels cannot check sums the
+# anomaly head: the labelled merchants' validation AUPRC with and without it, in the round before
+SCORE_HEAD = "score-head"
 HAS_BACKBONE = "has-backbone"  # a merchant's whole answer to the server's backbone query
 Metrics = dict[str, int | float | list[int] | list[float]]
 

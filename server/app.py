@@ -30,6 +30,7 @@ from fedanom.common.model import attach_lora, trainable_state
 from fedanom.common.records import (
     EVALUATE_METRICS,
     RUN_DEFAULTS,
+    SCORE_HEAD,
     flag,
     lora_settings,
     number,
@@ -85,6 +86,9 @@ class CheckedFedAvg(FedAvg):
         self.current: Arrays = {}
         self.record: dict[str, Any] = {}  # the round in progress, logged once it is complete
         self.clock: dict[str, float] = {}  # when this round's messages went out (time.monotonic)
+        # whether merchants whose labels cannot check it sum the anomaly head into their score: yes until
+        # the labelled merchants' validation shows it ranks their attacks worse (aggregate_evaluate)
+        self.score_head = True
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -100,7 +104,9 @@ class CheckedFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        config = ConfigRecord({**config, SCORE_HEAD: self.score_head})
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self.record["score_head"] = self.score_head
         unshipped = self.shipper.ensure(grid, [m.metadata.dst_node_id for m in messages])
         self.clock["evaluate_sent"] = time.monotonic()
         return [m for m in messages if m.metadata.dst_node_id not in unshipped]
@@ -176,6 +182,11 @@ class CheckedFedAvg(FedAvg):
             "rejected": rejected,
             "combined": combined,
         }
+        # A DP-trained head learns from a few dozen attacks per merchant: on real exports it often adds
+        # more noise than signal (BENCHMARKS.md, session 9). Merchants with too few labels of their own to
+        # check it follow what the labelled ones measured this round.
+        if "val-auprc-with-head" in combined and "val-auprc-without-head" in combined:
+            self.score_head = combined["val-auprc-with-head"] >= combined["val-auprc-without-head"]
         return MetricRecord(combined) if combined else None  # type: ignore[arg-type]  # floats
 
 

@@ -29,6 +29,8 @@ RANGES = {
     "val-surprise": (0.0, math.inf),
     "val-auroc": (0.0, 1.0),
     "val-auprc": (0.0, 1.0),
+    "val-auprc-with-head": (0.0, 1.0),
+    "val-auprc-without-head": (0.0, 1.0),
 }
 FLOWER_FAILURES = {
     code: name.lower().replace("_", " ") for name, code in vars(ErrorCode).items() if name.isupper()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ from flwr.common import MessageType
 
 from fedanom.common.records import FAILURES, MERCHANT_SETUP
 from fedanom.server.aggregation import AGGREGATORS, Update, aggregate
+from fedanom.server.app import CheckedFedAvg
 from fedanom.server.replies import BadReply, evaluate_reply, failure, train_reply
+from fedanom.server.shipping import BackboneShipper
 
 REFERENCE = {"b1": np.zeros((4, 2), dtype=np.float32), "b2": np.zeros(3, dtype=np.float32)}
 
@@ -76,9 +79,9 @@ def test_median_and_trimmed_mean_resist_one_outlier_within_the_bound() -> None:
         assert merged is not None and np.all(merged["b1"] < 1.2), method
 
 
-def reply(content: RecordDict | Error) -> Message:
-    """A merchant's reply as the server receives it (from node 7)."""
-    metadata = Metadata(1, "m", 7, 0, "instruction", "", 0.0, 60.0, MessageType.TRAIN)
+def reply(content: RecordDict | Error, node: int = 7) -> Message:
+    """A merchant's reply as the server receives it (from node 7 unless said)."""
+    metadata = Metadata(1, "m", node, 0, "instruction", "", 0.0, 60.0, MessageType.TRAIN)
     if isinstance(content, Error):
         return Message(metadata=metadata, error=content)  # type: ignore[call-overload]
     return Message(metadata=metadata, content=content)  # type: ignore[call-overload]
@@ -141,6 +144,26 @@ def test_an_evaluate_reply_needs_counted_sessions_and_rates_in_range() -> None:
     ):
         with pytest.raises(BadReply, match=reason):
             evaluate_reply(reply(RecordDict({"metrics": MetricRecord(bad)})))  # type: ignore[arg-type]
+
+
+def test_the_labelled_merchants_validation_decides_the_head_for_the_others(tiny_backbone: Path) -> None:
+    """Example-weighted: the large merchant's head costs more AUPRC than the small one's gains."""
+    strategy = CheckedFedAvg(method="fedavg", norm_bound=None, shipper=BackboneShipper(tiny_backbone, {}, 1.0))
+    assert strategy.score_head  # until labelled merchants have measured it
+    for large, small, decided in (((0.6, 0.8), (0.9, 0.7), False), ((0.8, 0.8), (0.9, 0.7), True)):
+        strategy.record, strategy.clock = {"seconds": {}}, {"evaluate_sent": 0.0}
+        replies = [
+            reply(RecordDict({"metrics": MetricRecord(metrics)}), node)  # type: ignore[arg-type]
+            for node, metrics in (
+                (1, {"num-examples": 300, "val-auprc-with-head": large[0], "val-auprc-without-head": large[1]}),
+                (2, {"num-examples": 100, "val-auprc-with-head": small[0], "val-auprc-without-head": small[1]}),
+                (3, {"num-examples": 900}),  # no labels: it has no say
+            )
+        ]
+        for one in replies:
+            one.content["metrics"]["val-surprise"] = 3.0
+        strategy.aggregate_evaluate(1, replies)
+        assert strategy.score_head is decided
 
 
 def test_a_failure_is_read_from_its_code_never_from_the_merchants_text() -> None:

@@ -255,3 +255,16 @@ def test_enough_known_attacks_leave_an_uninformative_kind_out_of_the_score(
     evidence = {"sequence": labels * 5.0 + rng.normal(size=400), "features": rng.normal(size=400)}
     scaled = {name: (0.0, 1.0) for name in evidence}
     assert BehaviourDetector._choose_kinds(evidence, labels, scaled) == kinds
+
+
+@pytest.mark.parametrize(("known", "kinds"), [(12, ("head",)), (5, ("sequence", "features"))])
+def test_the_federations_word_keeps_an_unchecked_head_out_but_never_overrules_enough_labels(
+    known: int, kinds: tuple[str, ...]
+) -> None:
+    rng = np.random.default_rng(1)
+    labels = np.zeros(400, dtype=np.int8)
+    labels[:known] = 1
+    evidence = {name: rng.normal(size=400) for name in ("sequence", "features")}
+    evidence["head"] = labels * 5.0 + rng.normal(size=400)
+    scaled = {name: (0.0, 1.0) for name in evidence}
+    assert BehaviourDetector._choose_kinds(evidence, labels, scaled, score_head=False) == kinds
