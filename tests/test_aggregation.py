@@ -146,17 +146,21 @@ def test_an_evaluate_reply_needs_counted_sessions_and_rates_in_range() -> None:
             evaluate_reply(reply(RecordDict({"metrics": MetricRecord(bad)})))  # type: ignore[arg-type]
 
 
+WITH, WITHOUT = "val-auprc-with-head", "val-auprc-without-head"
+
+
 def test_the_labelled_merchants_validation_decides_the_head_for_the_others(tiny_backbone: Path) -> None:
     """Example-weighted: the large merchant's head costs more AUPRC than the small one's gains."""
-    strategy = CheckedFedAvg(method="fedavg", norm_bound=None, shipper=BackboneShipper(tiny_backbone, {}, 1.0))
+    shipper = BackboneShipper(tiny_backbone, {}, 1.0)
+    strategy = CheckedFedAvg(method="fedavg", norm_bound=None, shipper=shipper)
     assert strategy.score_head  # until labelled merchants have measured it
     for large, small, decided in (((0.6, 0.8), (0.9, 0.7), False), ((0.8, 0.8), (0.9, 0.7), True)):
         strategy.record, strategy.clock = {"seconds": {}}, {"evaluate_sent": 0.0}
         replies = [
             reply(RecordDict({"metrics": MetricRecord(metrics)}), node)  # type: ignore[arg-type]
             for node, metrics in (
-                (1, {"num-examples": 300, "val-auprc-with-head": large[0], "val-auprc-without-head": large[1]}),
-                (2, {"num-examples": 100, "val-auprc-with-head": small[0], "val-auprc-without-head": small[1]}),
+                (1, {"num-examples": 300, WITH: large[0], WITHOUT: large[1]}),
+                (2, {"num-examples": 100, WITH: small[0], WITHOUT: small[1]}),
                 (3, {"num-examples": 900}),  # no labels: it has no say
             )
         ]
