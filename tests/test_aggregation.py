@@ -159,13 +159,11 @@ def test_the_labelled_merchants_validation_decides_the_head_for_the_others(tiny_
         replies = [
             reply(RecordDict({"metrics": MetricRecord(metrics)}), node)  # type: ignore[arg-type]
             for node, metrics in (
-                (1, {"num-examples": 300, WITH: large[0], WITHOUT: large[1]}),
-                (2, {"num-examples": 100, WITH: small[0], WITHOUT: small[1]}),
-                (3, {"num-examples": 900}),  # no labels: it has no say
+                (1, {"num-examples": 300, "val-surprise": 3.0, WITH: large[0], WITHOUT: large[1]}),
+                (2, {"num-examples": 100, "val-surprise": 3.0, WITH: small[0], WITHOUT: small[1]}),
+                (3, {"num-examples": 900, "val-surprise": 3.0}),  # no labels: it has no say
             )
         ]
-        for one in replies:
-            one.content["metrics"]["val-surprise"] = 3.0
         strategy.aggregate_evaluate(1, replies)
         assert strategy.score_head is decided
 
