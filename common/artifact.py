@@ -2,14 +2,16 @@
 
     detector/
       detector.json      format, vocabulary version, backbone reference (content hash + where it lies),
-                         LoRA and session settings, score aggregation, calibration, provenance, checksums
+                         LoRA and session settings, score aggregation, calibration, provenance
       adapter/           peft `save_pretrained` output (adapter_config.json, adapter_model.safetensors)
       popularity.npz     this shop's item popularity counts (hashed ids; never leaves the merchant)
       reference.npz      quantiles of this shop's session features (never leaves the merchant)
+      checksums.sha256   every other file's SHA-256, detector.json's too (`sha256sum -c` reads it)
 
 A backbone directory is `save_pretrained` output plus `fedanom-backbone.json` with its content hash.
-Loading checks every checksum and the backbone hash: a tampered file or a different backbone is a clear
-error, never a silently wrong score.
+Loading checks the manifest before it reads anything else, then the backbone hash: an edited calibration,
+a changed or planted file, a missing one or a different backbone is a clear error, never a silently
+wrong score. (A checksum is no signature: whoever may write the directory may rewrite the manifest too.)
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,8 @@ from fedanom.common.features import FeatureReference
 from fedanom.common.model import add_anomaly_head
 from fedanom.common.tokens import VOCAB_SIZE, VOCAB_VERSION, Popularity
 
-DETECTOR_FORMAT = "fedanom-detector/2"
+DETECTOR_FORMAT = "fedanom-detector/3"
+MANIFEST = "checksums.sha256"
 BACKBONE_META = "fedanom-backbone.json"
 QUANTILE_LEVELS = np.linspace(0.0, 1.0, 1001)
 
@@ -166,7 +169,6 @@ class DetectorSpec:
     score_mix: dict[str, float] | None = None
     vocabulary_version: str = VOCAB_VERSION
     format: str = DETECTOR_FORMAT
-    files: dict[str, str] = field(default_factory=dict)
 
 
 def save_detector(
@@ -176,17 +178,45 @@ def save_detector(
     popularity: Popularity,
     reference: FeatureReference,
 ) -> None:
+    """Written beside the target, then moved into place: a reader never sees half a detector, and no
+    file of an earlier save lingers outside the new manifest."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(directory / "adapter"))
-    popularity.save(directory / "popularity.npz")
-    reference.save(directory / "reference.npz")
-    spec.files = {
-        str(p.relative_to(directory)): sha256_file(p)
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != "detector.json"
-    }
-    (directory / "detector.json").write_text(json.dumps(asdict(spec), indent=2))
+    if directory.exists() and any(directory.iterdir()) and not (directory / "detector.json").exists():
+        raise FedanomError(f"{directory} exists and is not a detector: refusing to replace what it holds")
+    staging = directory.with_name(f".{directory.name}.saving-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(str(staging / "adapter"))
+    popularity.save(staging / "popularity.npz")
+    reference.save(staging / "reference.npz")
+    (staging / "detector.json").write_text(json.dumps(asdict(spec), indent=2))
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    lines = [f"{sha256_file(p)}  {p.relative_to(staging).as_posix()}\n" for p in files]
+    (staging / MANIFEST).write_text("".join(lines))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(staging, directory)
+
+
+def check_manifest(directory: Path) -> None:
+    """Every file of the detector is in its manifest with its checksum, and every entry is there."""
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        raise FedanomError(f"{directory} has no {MANIFEST}: not a detector this fedanom wrote, or damaged")
+    listed: dict[str, str] = {}
+    for number, line in enumerate(manifest.read_text(errors="replace").splitlines(), start=1):
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name or name.startswith("/") or ".." in Path(name).parts:
+            raise FedanomError(f"{manifest}, line {number}: not a '<sha256>  <file in the detector>' line")
+        listed[name] = digest
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} - {MANIFEST}
+    for name in sorted(present - set(listed)):
+        raise FedanomError(f"{directory / name} is not in the detector's {MANIFEST}: refused, unread")
+    for name, digest in listed.items():
+        file = directory / name
+        if not file.is_file():
+            raise FedanomError(f"{file} is missing from the detector")
+        if sha256_file(file) != digest:
+            raise FedanomError(f"{file} does not match its checksum in {MANIFEST} (modified or corrupt)")
 
 
 def read_spec(directory: str | Path) -> DetectorSpec:
@@ -194,6 +224,7 @@ def read_spec(directory: str | Path) -> DetectorSpec:
     path = directory / "detector.json"
     if not path.exists():
         raise FedanomError(f"{directory} is not a fedanom detector (no detector.json)")
+    check_manifest(directory)
     try:
         raw = json.loads(path.read_text())
         raw["calibration"] = Calibration(**raw["calibration"])
@@ -206,12 +237,6 @@ def read_spec(directory: str | Path) -> DetectorSpec:
         raise FedanomError(
             f"{path} speaks vocabulary {spec.vocabulary_version}; this fedanom speaks {VOCAB_VERSION}"
         )
-    for name, digest in spec.files.items():
-        file = directory / name
-        if not file.exists():
-            raise FedanomError(f"{file} is missing from the detector")
-        if sha256_file(file) != digest:
-            raise FedanomError(f"{file} does not match its checksum in detector.json (modified or corrupt)")
     return spec
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import pickle
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +158,47 @@ def test_tampered_adapter_is_refused(fitted: Fitted, tmp_path: Path) -> None:
     weights.write_bytes(bytes(data))
     with pytest.raises(FedanomError, match="does not match its checksum"):
         BehaviourDetector.load(tmp_path / "det")
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        ("halve the calibration", "detector.json does not match its checksum"),
+        ("plant a pickle", "adapter_model.bin is not in the detector's checksums.sha256: refused, unread"),
+        ("drop an entry, then edit", "adapter_model.safetensors is not in the detector's checksums.sha256"),
+        ("delete a file", "popularity.npz is missing from the detector"),
+    ],
+)
+def test_the_manifest_covers_every_file_of_the_detector(
+    fitted: Fitted, tmp_path: Path, tamper: str, reason: str
+) -> None:
+    detector = tmp_path / "det"
+    fitted.detector.save(detector)
+    manifest = detector / "checksums.sha256"
+    if tamper == "halve the calibration":
+        spec = json.loads((detector / "detector.json").read_text())
+        spec["calibration"]["quantiles"] = [q / 2 for q in spec["calibration"]["quantiles"]]
+        (detector / "detector.json").write_text(json.dumps(spec))
+    elif tamper == "plant a pickle":
+        (detector / "adapter" / "adapter_model.bin").write_bytes(pickle.dumps({"payload": 1}))
+    elif tamper == "drop an entry, then edit":
+        lines = manifest.read_text().splitlines(keepends=True)
+        manifest.write_text("".join(line for line in lines if "safetensors" not in line))
+        (detector / "adapter" / "adapter_model.safetensors").write_bytes(b"edited")
+    else:
+        (detector / "popularity.npz").unlink()
+    with pytest.raises(FedanomError, match=re.escape(reason)):
+        BehaviourDetector.load(detector)
+
+
+def test_saving_never_replaces_a_directory_that_is_not_a_detector(fitted: Fitted, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("a merchant's own file")
+    with pytest.raises(FedanomError, match="exists and is not a detector"):
+        fitted.detector.save(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "a merchant's own file"
+    fitted.detector.save(tmp_path / "det")
+    fitted.detector.save(tmp_path / "det")  # a detector is replaced whole
+    assert BehaviourDetector.load(tmp_path / "det").score_mix == fitted.detector.score_mix
 
 
 def test_a_different_backbone_is_refused(fitted: Fitted, tmp_path: Path) -> None:
