@@ -141,29 +141,34 @@ def train_model(
     optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=settings.learning_rate)
     engine = None
     noise = None
+    run = ""
     train_model: torch.nn.Module = model
     if settings.dp:
         assert ledger is not None
         # a federation plans for every round still to come, so one round cannot spend the whole budget
         # Opacus's Poisson loader samples at 1 / len(loader), not batch_size / n: plan with what it accounts
-        noise = ledger.plan(1.0 / len(loader), max(steps, planned_steps or 0))
+        noise, run = ledger.reserve(1.0 / len(loader), steps, planned_steps or 0)
         train_model, optimizer, loader, engine = make_private(
             model, optimizer, loader, settings=settings, ledger=ledger, noise_multiplier=noise
         )
     train_model.train()
     losses = []
     taken = 0
-    for ids, mask, known in _forever(loader):
-        if taken == steps:
-            break
-        if ids.numel() == 0:  # an empty Poisson sample: nothing to release, no step taken
-            continue
-        loss = sequence_loss(train_model, ids.to(device), mask.to(device), known.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        taken += 1
+    try:
+        for ids, mask, known in _forever(loader):
+            if taken == steps:
+                break
+            if ids.numel() == 0:  # an empty Poisson sample: nothing to release, no step taken
+                continue
+            loss = sequence_loss(train_model, ids.to(device), mask.to(device), known.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            taken += 1
+    finally:  # the steps taken are spent, whether or not the run got to its end
+        if engine is not None and ledger is not None:
+            ledger.settle(run, taken)
     report = TrainReport(
         steps=taken,
         sessions=n,
@@ -172,7 +177,6 @@ def train_model(
         noise="seeded" if settings.seed is not None else "os-entropy",
     )
     if engine is not None and ledger is not None:
-        ledger.record(engine.accountant)
         report.noise_multiplier, report.epsilon_spent, report.delta = noise, ledger.spent(), ledger.delta
         train_model._close()  # type: ignore[operator]  # removes Opacus's hooks from the model
     model.eval()

@@ -7,19 +7,26 @@ training, and saves what the engine added afterwards, so ε accumulates however 
 different δs does not add up. A run is planned before it starts: its noise is calibrated so that the
 history plus its steps stays within the budget, and a run that cannot fit is refused.
 
-The ledger fails closed. It is written once training has spent something, and every value is checked
-when it is read: a δ or a step that no training could have recorded (an edit, a corrupt disk) refuses
-training with the file and the field named, rather than resetting or under-counting what was spent.
+The ledger fails closed. Every value is checked when it is read: a δ or a step that no training could
+have recorded (an edit, a corrupt disk) refuses training with the file and the field named, rather than
+resetting or under-counting what was spent. Runs that share a state directory cannot lose each other's
+spending: under a file lock, a run plans its noise against everything spent or reserved and reserves its
+steps before it trains, and settles the steps it took afterwards; a run that dies in between leaves its
+reservation counted as spent.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from opacus.accountants import RDPAccountant
 
 from fedanom.common.errors import FedanomError
@@ -31,6 +38,9 @@ MAX_NOISE = 50.0  # beyond this a step carries no useful signal: the budget is s
 EXHAUSTED_SHARE = 0.01
 NOISE_TOLERANCE = 1.002  # the noise search stops within 0.2%, so a planned run leaves < 1% unspent
 MAX_DELTA = 0.1  # δ is 1 / the training sessions by default; beyond this it promises nothing
+LOCK_TIMEOUT_S = 60.0  # the lock is held only to plan and write, never while training
+# (noise multiplier, sample rate, steps), as Opacus's RDP accountant keeps them
+Entry = tuple[float, float, int]
 
 
 class BudgetExhausted(FedanomError):
@@ -41,8 +51,9 @@ class BudgetExhausted(FedanomError):
 class PrivacyLedger:
     epsilon_budget: float
     delta: float
-    history: list[tuple[float, float, int]] = field(default_factory=list)
+    history: list[Entry] = field(default_factory=list)
     path: Path | None = None  # None: kept in memory only (a one-off local fit)
+    reserved: dict[str, Entry] = field(default_factory=dict)  # runs in progress (or that died), by run id
 
     @classmethod
     def open(cls, state_dir: str | Path | None, *, epsilon_budget: float, delta: float) -> PrivacyLedger:
@@ -55,8 +66,8 @@ class PrivacyLedger:
             return cls(epsilon_budget=epsilon_budget, delta=delta)
         path = Path(state_dir) / LEDGER_FILE
         if path.exists():
-            delta, history = _read(path)
-            return cls(epsilon_budget=epsilon_budget, delta=delta, history=history, path=path)
+            delta, history, reserved = _read(path)
+            return cls(epsilon_budget, delta, history, path, reserved)
         return cls(epsilon_budget=epsilon_budget, delta=delta, path=path)
 
     @classmethod
@@ -65,17 +76,18 @@ class PrivacyLedger:
         path = Path(state_dir) / LEDGER_FILE
         if not path.exists():
             return 0.0
-        delta, history = _read(path)
-        return cls(epsilon_budget=math.inf, delta=delta, history=history).spent()
+        delta, history, reserved = _read(path)
+        return cls(math.inf, delta, history, None, reserved).spent()
 
     def accountant(self) -> RDPAccountant:
-        """A fresh Opacus accountant that already knows every step taken so far."""
+        """A fresh Opacus accountant that already knows every step taken or reserved so far."""
         accountant = RDPAccountant()
-        accountant.history = list(self.history)
+        accountant.history = [*self.history, *self.reserved.values()]
         return accountant
 
     def spent(self) -> float:
-        return self.accountant().get_epsilon(self.delta) if self.history else 0.0
+        """ε spent, counting the steps reserved by runs that have not settled."""
+        return self.accountant().get_epsilon(self.delta) if self.history or self.reserved else 0.0
 
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         accountant = self.accountant()
@@ -105,43 +117,80 @@ class PrivacyLedger:
                 high = mid
         return high
 
-    def record(self, accountant: RDPAccountant) -> None:
-        """Adopt the accountant's history (the old steps plus this run's) and persist it."""
-        self.history = [(float(s), float(q), int(n)) for s, q, n in accountant.history]
-        self.save()
+    def reserve(self, sample_rate: float, steps: int, planned_steps: int = 0) -> tuple[float, str]:
+        """Plan a run's noise (for `planned_steps` when a federation plans the rounds still to come) and
+        reserve its `steps` in the ledger file, in one locked read-modify-write: (noise, run id)."""
+        with self._locked():
+            noise = self.plan(sample_rate, max(steps, planned_steps))
+            run = uuid.uuid4().hex
+            self.reserved[run] = (noise, sample_rate, steps)
+            self._write()
+        return noise, run
 
-    def save(self) -> None:
+    def settle(self, run: str, steps_taken: int) -> None:
+        """Replace a run's reservation with the steps it took."""
+        with self._locked():
+            if run not in self.reserved:
+                raise _untrusted(self.path or Path("the privacy ledger"), f"reservation {run}, now missing,")
+            noise, rate, _ = self.reserved.pop(run)
+            if steps_taken:
+                self.history.append((noise, rate, steps_taken))
+            self._write()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the ledger file's lock, with what the file holds now read in."""
         if self.path is None:
+            yield
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with FileLock(self.path.with_name(f"{self.path.name}.lock")).acquire(timeout=LOCK_TIMEOUT_S):
+                if self.path.exists():
+                    self.delta, self.history, self.reserved = _read(self.path)
+                yield
+        except Timeout:
+            raise FedanomError(
+                f"{self.path} stayed locked by another training run for {LOCK_TIMEOUT_S:g} s; try again"
+            ) from None
+
+    def _write(self) -> None:
+        if self.path is None:
+            return
+        saved = {"delta": self.delta, "accountant": "rdp", "history": self.history, "reserved": self.reserved}
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps({"delta": self.delta, "accountant": "rdp", "history": self.history}, indent=1)
-        )
+        tmp.write_text(json.dumps(saved, indent=1))
         tmp.replace(self.path)
 
 
-def _read(path: Path) -> tuple[float, list[tuple[float, float, int]]]:
-    """(δ, accountant history) from a ledger file, every value checked."""
+def _read(path: Path) -> tuple[float, list[Entry], dict[str, Entry]]:
+    """(δ, accountant history, reservations) from a ledger file, every value checked."""
     try:
         saved = json.loads(path.read_text())
         delta, history = saved["delta"], [(s, q, n) for s, q, n in saved["history"]]
-    except (ValueError, KeyError, TypeError):
+        reserved = {str(run): (s, q, n) for run, (s, q, n) in saved.get("reserved", {}).items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise _untrusted(path, "its layout") from None
     if saved.get("accountant") != "rdp":
         raise _untrusted(path, "'accountant'")
     if not (_is_number(delta) and 0 < delta <= MAX_DELTA):
         raise _untrusted(path, f"'delta' ({delta!r})")
-    if not history:
-        raise _untrusted(path, "'history', which is empty though a ledger is only written after spending")
-    for i, (sigma, rate, steps) in enumerate(history, 1):
+    if not history and not reserved:
+        raise _untrusted(path, "'history', which is empty though a ledger is only written by training")
+    entries = [(f"history entry {i}", e) for i, e in enumerate(history, 1)]
+    entries += [(f"reservation {run}", e) for run, e in reserved.items()]
+    for name, (sigma, rate, steps) in entries:
         if not (_is_number(sigma) and 0 < sigma <= MAX_NOISE):
-            raise _untrusted(path, f"history entry {i}'s noise multiplier ({sigma!r})")
+            raise _untrusted(path, f"{name}'s noise multiplier ({sigma!r})")
         if not (_is_number(rate) and 0 < rate <= 1):
-            raise _untrusted(path, f"history entry {i}'s sampling rate ({rate!r})")
+            raise _untrusted(path, f"{name}'s sampling rate ({rate!r})")
         if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
-            raise _untrusted(path, f"history entry {i}'s steps ({steps!r})")
-    return float(delta), [(float(s), float(q), int(n)) for s, q, n in history]
+            raise _untrusted(path, f"{name}'s steps ({steps!r})")
+    return (
+        float(delta),
+        [(float(s), float(q), int(n)) for s, q, n in history],
+        {run: (float(s), float(q), int(n)) for run, (s, q, n) in reserved.items()},
+    )
 
 
 def _is_number(value: object) -> bool:

@@ -174,6 +174,34 @@ def test_the_budget_is_never_exceeded_across_runs(tmp_path: Path) -> None:
     assert PrivacyLedger.open(tmp_path, epsilon_budget=1.0, delta=1e-3).spent() <= 1.0
 
 
+def test_runs_sharing_a_ledger_cannot_both_spend_the_budget(tmp_path: Path) -> None:
+    """Both open the ledger before either trains (two `train` runs on one --state-dir at once): the second
+    plans against the first one's reservation, and nothing either spent is lost."""
+    first = PrivacyLedger.open(tmp_path, epsilon_budget=4.0, delta=1e-3)
+    second = PrivacyLedger.open(tmp_path, epsilon_budget=4.0, delta=1e-3)
+    _, run = first.reserve(0.1, 100)  # planned to spend the whole budget
+    with pytest.raises(BudgetExhausted):
+        second.reserve(0.1, 100)
+    first.settle(run, 100)
+    assert PrivacyLedger.spent_in(tmp_path) == pytest.approx(4.0, rel=0.01)
+    # half the budget each: both fit, and the ledger holds both runs' steps
+    shared = tmp_path / "shared"
+    first, second = (PrivacyLedger.open(shared, epsilon_budget=8.0, delta=1e-3) for _ in range(2))
+    runs = [first.reserve(0.1, 50, planned_steps=100)[1], second.reserve(0.1, 50, planned_steps=50)[1]]
+    first.settle(runs[0], 50)
+    second.settle(runs[1], 50)
+    ledger = json.loads((shared / LEDGER_FILE).read_text())
+    assert sum(steps for _, _, steps in ledger["history"]) == 100 and ledger["reserved"] == {}
+    assert PrivacyLedger.spent_in(shared) <= 8.0
+
+
+def test_a_run_that_dies_before_settling_stays_counted(tmp_path: Path) -> None:
+    PrivacyLedger.open(tmp_path, epsilon_budget=4.0, delta=1e-3).reserve(0.1, 100)
+    assert PrivacyLedger.spent_in(tmp_path) == pytest.approx(4.0, rel=0.01)
+    with pytest.raises(BudgetExhausted):
+        PrivacyLedger.open(tmp_path, epsilon_budget=4.0, delta=1e-3).reserve(0.1, 10)
+
+
 @pytest.mark.parametrize(
     ("edit", "field"),
     [
@@ -195,9 +223,7 @@ def test_an_implausible_ledger_refuses_training_and_is_left_as_it_was(
 ) -> None:
     """Fails closed: the file and field named, nothing reset, nothing under-counted."""
     ledger = PrivacyLedger.open(tmp_path, epsilon_budget=4.0, delta=1e-3)
-    spent = RDPAccountant()
-    spent.history = [(1.1, 0.1, 10)]
-    ledger.record(spent)
+    ledger.settle(ledger.reserve(0.1, 10)[1], 10)
     path = tmp_path / LEDGER_FILE
     saved = json.loads(path.read_text())
     edit(saved)
