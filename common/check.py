@@ -1,5 +1,5 @@
 """What `fedanom data check` reports about an export: volume, users, sessions, time span, event mix,
-session-length and gap quantiles, and the bad rows by reason.
+session-length and gap quantiles, the bad rows by reason, and events that repeat another exactly.
 
 The summary is built while the sessions stream past, keeping only per-session lengths and a fixed
 log-histogram of gaps, so checking a file costs no more memory than reading it.
@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from fedanom.common.events import EVENT_TYPES
 from fedanom.common.ingest import Ingested
+from fedanom.common.sessions import SessionBatch
 from fedanom.common.tokens import encode
 
 QUANTILES = (0.5, 0.9, 0.99, 1.0)
@@ -45,6 +46,7 @@ class DataSummary:
     gap_seconds: dict[str, float]
     distinct_tokens: int
     vocabulary_version: str
+    duplicate_events: int  # same session, time, event type and item as another event: kept, but counted
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
@@ -61,9 +63,10 @@ def summarize(ingested: Ingested, preset_name: str, vocabulary_version: str) -> 
     gap_hist = np.zeros(len(_GAP_EDGES_S) + 1, dtype=np.int64)
     seen_tokens = np.zeros(0, dtype=np.int32)
     first_ts, last_ts = np.iinfo(np.int64).max, np.iinfo(np.int64).min
-    windows = 0
+    windows = duplicates = 0
     for batch in ingested.batches():
         windows += batch.n_windows
+        duplicates += _repeated_events(batch)
         session_start = np.flatnonzero(batch.session_pos == 0)
         session_end = np.append(session_start[1:], batch.n_events) - 1
         lengths.append(session_end - session_start + 1)
@@ -80,6 +83,11 @@ def summarize(ingested: Ingested, preset_name: str, vocabulary_version: str) -> 
     if report.bad_rows:
         notes.append(
             f"{report.rows_quarantined} bad rows were set aside, not dropped; see the quarantine file"
+        )
+    if duplicates:
+        notes.append(
+            f"{duplicates} events repeat another event of their session exactly (time, type, item): kept "
+            "as exported; if the export doubled them, deduplicate it"
         )
     if len(all_lengths) and np.median(all_lengths) <= 1:
         notes.append("most sessions have a single event: is the session gap or the session column right?")
@@ -104,8 +112,16 @@ def summarize(ingested: Ingested, preset_name: str, vocabulary_version: str) -> 
         gap_seconds=_histogram_quantiles(gap_hist),
         distinct_tokens=len(seen_tokens),
         vocabulary_version=vocabulary_version,
+        duplicate_events=duplicates,
         notes=notes,
     )
+
+
+def _repeated_events(batch: SessionBatch) -> int:
+    """Events whose session, time, event type and item another event of the batch already has."""
+    session = np.cumsum(batch.session_pos == 0)
+    keys = np.stack([session, batch.ts, batch.etype.astype(np.int64), batch.item.view(np.int64)], axis=1)
+    return batch.n_events - len(np.unique(keys, axis=0))
 
 
 def _iso(ms: int) -> str:

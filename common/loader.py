@@ -454,6 +454,8 @@ class EventReader:
     def _write_quarantine(self) -> None:
         target = self.report.quarantine_path
         if target is None or not self._bad:
+            if target is not None and _is_quarantine(target):  # an earlier read's, no longer true
+                target.unlink()
             self.report.quarantine_path = None
             return
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -462,6 +464,14 @@ class EventReader:
             writer.writerow([self.report.unit, "reason", "column", "value", "record"])
             for line, bad in sorted(self._bad_rows_with_lines(), key=lambda item: item[0]):
                 writer.writerow([line, bad.reason, bad.column, bad.value, bad.record])
+
+
+def _is_quarantine(path: Path) -> bool:
+    """Whether a file is a quarantine this reader wrote (its header), so that only such a file is removed."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return fh.readline().rstrip(b"\r\n").split(b",")[1:] == [b"reason", b"column", b"value", b"record"]
 
 
 def _whole_lines(data: bytes) -> tuple[bytes, bytes]:

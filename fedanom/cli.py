@@ -85,6 +85,7 @@ def _print_summary(s: DataSummary) -> None:
     overview.add_row("rows kept", f"{s.rows_kept:,}")
     overview.add_row("rows quarantined", f"{s.rows_quarantined:,}")
     overview.add_row("in = kept + quarantined", "yes" if s.rows_conserved else "[red]NO[/red]")
+    overview.add_row("events repeating another exactly", f"{s.duplicate_events:,}")
     overview.add_row("users", f"{s.users:,}")
     overview.add_row("sessions / windows", f"{s.sessions:,} / {s.windows:,}")
     overview.add_row("time span", f"{s.first_event} .. {s.last_event} ({s.span_hours:,.2f} h)")

@@ -45,6 +45,15 @@ def test_data_check_table_and_quarantine(shop_csv: Path, tmp_path: Path) -> None
     assert "unknown event type" in result.stdout
     quarantine = tmp_path / "dirty.csv.quarantine.csv"
     assert quarantine.read_text().splitlines()[1].startswith("5001,unknown event type,behavior_type,warp,")
+    # the export fixed (and one event doubled): the earlier quarantine goes, the duplicate is counted
+    lines = shop_csv.read_text().splitlines(keepends=True)
+    dirty.write_text("".join(lines) + lines[-1])
+    again = fedanom("data", "check", str(dirty), "--preset", "taobao", "--json", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["rows_quarantined"] == 0 and summary["quarantine_file"] is None
+    assert not quarantine.exists()
+    assert summary["duplicate_events"] == 1 and summary["rows_kept"] == len(lines) + 1
 
 
 def test_user_mistakes_give_one_line_and_no_traceback(shop_csv: Path, tmp_path: Path) -> None:
