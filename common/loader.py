@@ -292,8 +292,18 @@ class EventReader:
                 column[new] = col
 
         text: dict[str, pa.Array] = {}
+        used = set(preset.source_columns())
         for name in batch.schema.names:
             col = batch.column(name)
+            if pa.types.is_dictionary(col.type):  # pandas categoricals, Spark's dictionary pages
+                col = col.dictionary_decode()
+            if pa.types.is_nested(col.type):
+                if name in used:
+                    raise FedanomError(
+                        f"{self.path}: column '{name}' holds {col.type} values, not one value per row; "
+                        "fedanom reads ids, times, event types and prices as plain values"
+                    )
+                continue  # a list or struct column fedanom does not read
             if pa.types.is_binary(col.type):
                 text[name], not_utf8 = to_utf8(col)
                 flag(not_utf8, "invalid UTF-8", name)
@@ -305,8 +315,13 @@ class EventReader:
         if filled:
             flag(~np.logical_or.reduce(list(filled.values())), "empty line", batch.schema.names[0])
         if self._header and preset.header:
-            same = [np.asarray(pc.fill_null(pc.equal(text[c], c), False)) for c in self._header if c in text]
-            flag(np.logical_and.reduce(same), "repeated header line", self._header[0])
+            same = [
+                np.asarray(pc.fill_null(pc.equal(text[c], c), False))
+                for c in self._header
+                if c in text and pa.types.is_string(text[c].type)  # a native timestamp is never a header
+            ]
+            if same:
+                flag(np.logical_and.reduce(same), "repeated header line", self._header[0])
 
         def source(field_name: str) -> str:
             return preset.columns[field_name]

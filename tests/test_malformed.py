@@ -212,3 +212,33 @@ def test_parquet_reads_like_csv(tmp_path: Path) -> None:
         np.testing.assert_array_equal(
             from_csv.column(column).to_numpy(), from_parquet.column(column).to_numpy()
         )
+
+
+@pytest.mark.parametrize("zone", [None, "UTC", "Europe/Berlin"])
+def test_parquet_with_native_types_reads_like_csv(tmp_path: Path, zone: str | None) -> None:
+    """As pandas and Spark write it: timestamp[us] (with or without a zone), integer ids, dictionary-encoded
+    event types, and a list column fedanom does not read."""
+    pd = pytest.importorskip("pandas")
+    csv_path = write(tmp_path / "ok.csv", HEADER + "\n".join(GOOD) + "\n")
+    frame = pd.read_csv(csv_path, dtype={"category": "string", "user_id": "string"})
+    stamps = pd.to_datetime(frame.timestamp, unit="s", utc=True)
+    frame["timestamp"] = stamps.dt.tz_convert(zone) if zone else stamps.dt.tz_localize(None)
+    frame["item_id"] = frame.item_id.str[1:].astype("int64")
+    frame["event_type"] = frame.event_type.astype("category")
+    frame["tags"] = [[1, 2]] * len(frame)
+    frame.to_parquet(tmp_path / "native.parquet")
+    reader = EventReader(tmp_path / "native.parquet", resolve_preset(None))
+    native = next(iter(reader))
+    from_csv = next(iter(EventReader(csv_path, resolve_preset(None))))
+    assert reader.report.rows_kept == len(GOOD)
+    for column in ("user", "ts", "etype", "cat", "price"):
+        np.testing.assert_array_equal(from_csv.column(column).to_numpy(), native.column(column).to_numpy())
+
+
+def test_a_list_column_that_fedanom_reads_is_one_sentence(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame(
+        {"user_id": ["u1"], "timestamp": [1700000000], "event_type": ["view"], "item_id": [["i1", "i2"]]}
+    )
+    frame.to_parquet(tmp_path / "nested.parquet")
+    fails_with(tmp_path / "nested.parquet", "column 'item_id' holds list<", "not one value per row")
