@@ -59,6 +59,10 @@ EVENT_SCHEMA = pa.schema(
 )
 
 WRONG_FIELD_COUNT = "wrong number of fields"
+# No id, time, type or price is this long: such a field is a broken export (a lost delimiter, a binary blob)
+MAX_FIELD_CHARS = 65_536
+FIELD_TOO_LONG = f"field longer than {MAX_FIELD_CHARS:,} characters"
+QUARANTINE_CHARS = 4_096  # a quarantined record or value is cut here, so one bad line cannot fill a disk
 
 
 @dataclass
@@ -126,6 +130,7 @@ class EventReader:
         self._wrong_field_rows: list[str] = []
         self._header: list[str] = []
         self._wrong_field_lines: list[int] = []
+        self._cr_only = False  # classic Mac line ends: every CR is read as a line end
 
     # ----------------------------------------------------------------------------------------------- reading
     def __iter__(self) -> Iterator[pa.Table]:
@@ -183,6 +188,7 @@ class EventReader:
             return "skip"
 
         read_options = pcsv.ReadOptions(column_names=self._header, encoding=self.encoding)
+        long_lines = pcsv.ReadOptions(column_names=self._header, encoding=self.encoding)
         parse_options = pcsv.ParseOptions(
             delimiter=preset.sep, invalid_row_handler=on_invalid, ignore_empty_lines=False
         )
@@ -197,15 +203,20 @@ class EventReader:
                 data = stream.read(self.block_bytes)
             except (OSError, EOFError):
                 raise stopped("the gzip data is truncated or corrupt") from None
+            if self._cr_only:
+                data = data.replace(b"\r", b"\n")
             block, carry = _whole_lines(carry + data) if data else (carry, b"")
             if skip_header and block:
                 newline = block.find(b"\n")
                 block, skip_header = (block[newline + 1 :] if newline >= 0 else b""), False
             if block:
                 try:
+                    # Arrow parses in 1 MiB chunks on every core; a longer line needs one chunk for the block
+                    options = read_options if _longest_line(block) < read_options.block_size else long_lines
+                    long_lines.block_size = len(block) + 1
                     table = pcsv.read_csv(
                         pa.py_buffer(block),
-                        read_options=read_options,
+                        read_options=options,
                         parse_options=parse_options,
                         convert_options=convert_options,
                     )
@@ -228,6 +239,8 @@ class EventReader:
                 first = fh.readline()
         except (OSError, EOFError):
             raise FedanomError(f"{self.path}: the gzip data is truncated or corrupt at its start") from None
+        if b"\r" in first.rstrip(b"\r\n"):  # no LF ends the first line: the file ends lines with CR alone
+            self._cr_only, first = True, first.split(b"\r")[0]
         try:
             line = first.decode(self.encoding).rstrip("\r\n")
         except UnicodeDecodeError:
@@ -236,7 +249,10 @@ class EventReader:
             ) from None
         if not line.strip():
             raise FedanomError(f"{self.path} is empty (its first line is blank)")
-        fields = next(csv.reader([line], delimiter=preset.sep))
+        try:
+            fields = next(csv.reader([line], delimiter=preset.sep))
+        except csv.Error as exc:
+            raise FedanomError(f"{self.path}: line 1 cannot be read as delimited fields ({exc})") from None
         if not preset.header:
             if len(fields) != len(preset.column_names):
                 raise FedanomError(
@@ -312,6 +328,9 @@ class EventReader:
             else:
                 text[name] = col.cast(pa.string())
         filled = {name: present(col) for name, col in text.items() if pa.types.is_string(col.type)}
+        for name in used & set(filled):
+            length = pc.fill_null(pc.utf8_length(text[name]), 0)
+            flag(np.asarray(pc.greater(length, MAX_FIELD_CHARS), dtype=bool), FIELD_TOO_LONG, name)
         if filled:
             flag(~np.logical_or.reduce(list(filled.values())), "empty line", batch.schema.names[0])
         if self._header and preset.header:
@@ -425,8 +444,8 @@ class EventReader:
                     row=row0 + int(i),
                     reason=str(reason[i]),
                     column=col,
-                    value="" if value is None else str(value),
-                    record=self.preset.sep.join(_field_text(v) for v in record.values()),
+                    value=_cut("" if value is None else str(value)),
+                    record=_cut(self.preset.sep.join(_field_text(v) for v in record.values())),
                 )
             )
             self.report.bad_rows[str(reason[i])] += 1
@@ -498,6 +517,17 @@ def _whole_lines(data: bytes) -> tuple[bytes, bytes]:
 def is_gzip(path: Path) -> bool:
     with open(path, "rb") as fh:
         return fh.read(2) == b"\x1f\x8b"
+
+
+def _cut(text: str) -> str:
+    if len(text) <= QUARANTINE_CHARS:
+        return text
+    return f"{text[:QUARANTINE_CHARS]}... ({len(text):,} characters)"
+
+
+def _longest_line(block: bytes) -> int:
+    ends = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == ord("\n"))
+    return int(np.diff(ends, prepend=-1).max()) if len(ends) else len(block)
 
 
 def _field_text(value: object) -> str:

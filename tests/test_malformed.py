@@ -242,3 +242,25 @@ def test_a_list_column_that_fedanom_reads_is_one_sentence(tmp_path: Path) -> Non
     )
     frame.to_parquet(tmp_path / "nested.parquet")
     fails_with(tmp_path / "nested.parquet", "column 'item_id' holds list<", "not one value per row")
+
+
+@pytest.mark.parametrize("size", [130 << 10, 10 << 20])
+def test_an_overlong_line_is_quarantined_and_the_rest_read(tmp_path: Path, size: int) -> None:
+    """A 130 KB field, and a 10 MB line longer than Arrow's parsing chunk, among good lines."""
+    long_line = "u3,1700000020,view," + "x" * size + ",c1,1"
+    path = write(tmp_path / "long.csv", HEADER + "\n".join([*GOOD[:2], long_line, *GOOD[2:]]) + "\n")
+    reader = read_all(path, quarantine_path=tmp_path / "q.csv")
+    assert (reader.report.rows_in, reader.report.rows_kept, reader.report.rows_quarantined) == (5, 4, 1)
+    (row,) = quarantine_rows(tmp_path / "q.csv")
+    assert row["line"] == "4" and row["reason"] == "field longer than 65,536 characters"
+    assert row["column"] == "item_id" and len(row["record"]) < 5_000
+
+
+def test_a_file_that_is_one_huge_line_is_one_sentence(tmp_path: Path) -> None:
+    fails_with(write(tmp_path / "one.csv", "user_id,timestamp," + "x" * (10 << 20)), "line 1 cannot be read")
+
+
+def test_cr_only_line_endings_read_like_lf(tmp_path: Path) -> None:
+    path = write(tmp_path / "mac.csv", (HEADER + "\n".join(GOOD) + "\n").replace("\n", "\r"))
+    reader = read_all(path)
+    assert (reader.report.rows_in, reader.report.rows_kept) == (len(GOOD), len(GOOD))
