@@ -62,6 +62,8 @@ def hash_ids(col: pa.Array) -> np.ndarray:
         else np.zeros(1, np.uint8)
     )
     starts, lengths = offsets[:-1], np.diff(offsets)
+    if col.null_count:  # a null slot may still span bytes (a value masked out after parsing): skip them
+        lengths[np.asarray(col.is_null())] = 0
     h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
     active = np.nonzero(lengths > 0)[0]
     j = 0

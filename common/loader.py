@@ -389,21 +389,24 @@ class EventReader:
             self._record_bad(batch, text, np.nonzero(~good)[0], row0, why, column)
         keep = pa.array(good)
 
+        def kept(col: pa.Array) -> pa.Array:  # only kept rows are hashed: a bad row's field may be huge
+            return pc.if_else(keep, col, pa.scalar(None, pa.string()))
+
         def optional_ids(field_name: str) -> tuple[np.ndarray, pa.Array]:
             if field_name not in preset.columns:
                 return np.zeros(n, dtype=np.uint64), pa.nulls(n, pa.string())
             col = text[source(field_name)]
             col = pc.if_else(pa.array(filled[source(field_name)]), col, pa.scalar(None, pa.string()))
-            return hash_ids(col), col
+            return hash_ids(kept(col)), col
 
         cat, _ = optional_ids("category")
         sess, sess_raw = optional_ids("session_id")
         columns = [
-            hash_ids(user),
+            hash_ids(kept(user)),
             user,
             ts,
             etype,
-            hash_ids(pc.if_else(keep, item, pa.scalar(None, pa.string()))),
+            hash_ids(kept(item)),
             cat,
             sess,
             sess_raw,
