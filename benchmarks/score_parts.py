@@ -93,7 +93,7 @@ def parts(shop: str, seed: int, work: Path, args: argparse.Namespace) -> None:
             else "-"
             for v in scores.values()
         )
-        + f" | {'+'.join(k for k in kinds if f'{k}_scale' in (detector.score_mix or {}))} |",
+        + f" | {'+'.join(detector.kinds())} |",
         flush=True,
     )
 

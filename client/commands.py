@@ -117,7 +117,7 @@ def train(
         privacy = f"ε={report.epsilon_spent:.2f} of {epsilon:g} spent (δ={report.delta:.2g})"
     typer.echo(
         f"detector written to {out}: {report.steps} steps, loss {report.mean_loss:.3f}, {privacy}; "
-        f"score = context + {detector.aggregation} event surprise with session features, "
+        f"score sums {' + '.join(detector.kinds())} ({detector.aggregation} event surprise), "
         f"threshold {detector.threshold():.3f} "
         f"at {alert_rate:.1%} alerts"
     )

@@ -221,6 +221,10 @@ class BehaviourDetector:
                 score += (values - mix[f"{name}_median"]) / mix[f"{name}_scale"]
         return score
 
+    def kinds(self) -> list[str]:
+        """The kinds of evidence the calibrated score sums (sequence, features, head)."""
+        return [key.removesuffix("_scale") for key in self.score_mix or {} if key.endswith("_scale")]
+
     def evidence(self, surprise: Surprise, windows: Windows) -> dict[str, np.ndarray]:
         """Each kind of evidence about each window, unscaled: sequence, features, head (where present)."""
         evidence = {"sequence": aggregate(surprise, windows, self.aggregation)}

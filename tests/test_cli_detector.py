@@ -75,6 +75,7 @@ def test_train_then_score_with_explanations(workdir: Path) -> None:
     )
     assert train.returncode == 0, train.stderr
     assert "ε=" in train.stdout and "of 8 spent" in train.stdout
+    assert "score sums sequence + features" in train.stdout  # the kinds the detector's score adds up
     spec = json.loads((workdir / "det" / "detector.json").read_text())
     assert spec["provenance"]["epsilon"] <= 8.0
     assert spec["backbone"]["path"] == "../base"
