@@ -261,7 +261,7 @@ class BehaviourDetector:
         if "head" not in evidence or labels is None or labels.min() == labels.max():
             return None
         scaled = _scales(evidence, ~labels.astype(bool))
-        parts = {name: (values - scaled[name][0]) / scaled[name][1] for name, values in evidence.items()}
+        parts = _standardised(evidence, scaled)
         without = sum(values for name, values in parts.items() if name != "head")
         return (
             float(average_precision_score(labels, without + parts["head"])),
@@ -292,7 +292,7 @@ class BehaviourDetector:
         names = tuple(scaled)
         if labels is None or labels.sum() < MIN_KNOWN_TO_CHOOSE or labels.all():
             return tuple(name for name in names if score_head or name != "head")
-        parts = {name: (evidence[name] - scaled[name][0]) / scaled[name][1] for name in names}
+        parts = _standardised(evidence, scaled)
         combinations = [c for r in range(len(names), 0, -1) for c in itertools.combinations(names, r)]
         return max(combinations, key=lambda c: average_precision_score(labels, sum(parts[k] for k in c)))
 
@@ -353,6 +353,13 @@ def _scales(evidence: dict[str, np.ndarray], normal: np.ndarray) -> dict[str, tu
         median, top = np.quantile(values[normal], [0.5, 1.0 - SCALE_TAIL])
         scaled[name] = (float(median), float(top - median) or 1.0)
     return scaled
+
+
+def _standardised(
+    evidence: dict[str, np.ndarray], scaled: dict[str, tuple[float, float]]
+) -> dict[str, np.ndarray]:
+    """Each scaled kind of evidence in units of its normal sessions' median-to-top-tail distance."""
+    return {name: (evidence[name] - median) / scale for name, (median, scale) in scaled.items()}
 
 
 def _labels_for(part: Windows, whole: Windows, labels: np.ndarray | None) -> np.ndarray | None:
