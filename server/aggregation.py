@@ -1,25 +1,40 @@
 """Aggregating merchants' adapter updates, each one checked before it can touch the global adapter.
 
-An update must carry exactly the global adapter's tensors (names, shapes, dtypes), only finite values,
-and a change from the global adapter whose L2 norm stays within a bound: an absolute one when the
-operator sets it, otherwise ten times the median change of the round (a lone huge update cannot
-hide behind itself). A rejected update is logged with its reason and left out; the round goes on
-with the others.
+An update must carry exactly the global adapter's tensors (names, shapes, dtypes), only finite values
+and a positive example count, or it is rejected with its reason and left out; the round goes on with
+the others.
 
-Under FFA-LoRA only B is sent and A is the same everywhere, so the example-weighted mean of the B
-matrices (FedAvg) is exactly the average of the merchants' adapters. Coordinate-wise trimmed mean and
-median are there for federations that expect poisoned updates.
+No single merchant's update can then pull the global adapter further than a bound that does not depend
+on the others being honest (a median-based bound lets a colluding majority through, and tiny colluding
+updates can drag it below every honest one):
+
+- **Its change is clipped to a fixed norm,** as DP-FedAvg clips client updates. The operator sets it
+  (`norm-bound`), or it follows from the learning rate: Adam moves each value by about the learning rate
+  per step, so under DP noise an honest update's change walks about `lr * sqrt(steps)` per value
+  (measured 1-31 times the learning rate on the real exports, the most for 60,000 sessions in a round,
+  BENCHMARKS.md), and the default allows `DEFAULT_RMS_PER_LR` times the learning rate per value. A change beyond `IMPLAUSIBLE` times the bound
+  is no honest run's (Adam would need tens of thousands of steps per round to walk that far): it is
+  rejected outright, so the round's log names it.
+- **Its weight is capped** at `WEIGHT_CAP` times the lower median of the round's example counts: a
+  merchant cannot outweigh the others by claiming more sessions than it has, and claiming fewer only
+  lowers its own weight.
+
+Under FFA-LoRA only B is sent and A is the same everywhere, so the weighted mean of the B matrices
+(FedAvg) is exactly the average of the merchants' adapters. Coordinate-wise trimmed mean and median
+(unweighted) are there for federations that expect poisoned updates.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 Arrays = dict[str, np.ndarray]
-MEDIAN_BOUND_FACTOR = 10.0
+DEFAULT_RMS_PER_LR = 40.0
+IMPLAUSIBLE = 10.0
+WEIGHT_CAP = 10.0
 TRIM_FRACTION = 0.2
 
 
@@ -28,6 +43,22 @@ class Update:
     node: int
     arrays: Arrays
     examples: int
+
+
+@dataclass
+class Outcome:
+    """What a round's aggregation did: the new global adapter (None if no update survived), and per
+    merchant why it was rejected, how far it was clipped and the weight it got."""
+
+    merged: Arrays | None = None
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    clipped: dict[int, float] = field(default_factory=dict)  # node: its change's norm before clipping
+    weights: dict[int, float] = field(default_factory=dict)
+
+
+def default_norm_bound(reference: Arrays, learning_rate: float) -> float:
+    values = sum(v.size for v in reference.values())
+    return DEFAULT_RMS_PER_LR * learning_rate * float(np.sqrt(values))
 
 
 def problem_with(update: Update, reference: Arrays) -> str | None:
@@ -74,36 +105,42 @@ AGGREGATORS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 }
 
 
-def aggregate(
-    updates: list[Update], reference: Arrays, *, method: str = "fedavg", norm_bound: float | None = None
-) -> tuple[Arrays | None, list[tuple[int, str]]]:
-    """The new global adapter (None if no update survives) and the (node, reason) of each rejection."""
+def capped_weights(examples: list[int]) -> np.ndarray:
+    """Example counts capped at WEIGHT_CAP times their lower median (the smaller of two)."""
+    counts = np.array(examples, dtype=np.float64)
+    lower_median = float(np.sort(counts)[(len(counts) - 1) // 2])
+    return np.minimum(counts, WEIGHT_CAP * lower_median)
+
+
+def aggregate(updates: list[Update], reference: Arrays, *, method: str, norm_bound: float) -> Outcome:
+    """Check, clip, weigh and combine a round's updates."""
     if method not in AGGREGATORS:
         raise ValueError(f"unknown aggregation '{method}'; choose from {', '.join(AGGREGATORS)}")
-    rejected: list[tuple[int, str]] = []
-    valid = []
+    outcome = Outcome()
+    valid, changes = [], []
     for update in updates:
         reason = problem_with(update, reference)
-        if reason is None:
-            valid.append(update)
-        else:
-            rejected.append((update.node, reason))
-    norms = {u.node: change_norm(u, reference) for u in valid}
-    bound = norm_bound
-    if bound is None and len(valid) >= 3:
-        bound = MEDIAN_BOUND_FACTOR * float(np.median(list(norms.values())))
-    if bound is not None:
-        too_big = [u for u in valid if norms[u.node] > bound]
-        rejected += [
-            (u.node, f"its change has norm {norms[u.node]:.3g}, above the bound {bound:.3g}") for u in too_big
-        ]
-        valid = [u for u in valid if norms[u.node] <= bound]
+        norm = change_norm(update, reference) if reason is None else 0.0
+        if reason is None and norm > IMPLAUSIBLE * norm_bound:
+            reason = f"its change has norm {norm:.3g}, over {IMPLAUSIBLE:g} times the bound {norm_bound:.3g}"
+        if reason is not None:
+            outcome.rejected.append((update.node, reason))
+            continue
+        scale = 1.0
+        if norm > norm_bound:
+            outcome.clipped[update.node] = norm
+            scale = norm_bound / norm
+        valid.append(update)
+        changes.append(
+            {k: (update.arrays[k] - ref).astype(np.float64) * scale for k, ref in reference.items()}
+        )
     if not valid:
-        return None, rejected
-    weights = np.array([u.examples for u in valid], dtype=np.float64)
+        return outcome
+    weights = capped_weights([u.examples for u in valid])
+    outcome.weights = {u.node: float(w) for u, w in zip(valid, weights, strict=True)}
     combine = AGGREGATORS[method]
-    merged = {
-        name: combine(np.stack([u.arrays[name] for u in valid]).astype(np.float64), weights).astype(ref.dtype)
+    outcome.merged = {
+        name: (ref + combine(np.stack([change[name] for change in changes]), weights)).astype(ref.dtype)
         for name, ref in reference.items()
     }
-    return merged, rejected
+    return outcome

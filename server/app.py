@@ -38,7 +38,7 @@ from fedanom.common.records import (
     to_numpy,
     to_record,
 )
-from fedanom.server.aggregation import Arrays, aggregate
+from fedanom.server.aggregation import Arrays, aggregate, default_norm_bound
 from fedanom.server.replies import BadReply, evaluate_reply, failure, train_reply
 from fedanom.server.shipping import BackboneShipper
 
@@ -73,7 +73,7 @@ class CheckedFedAvg(FedAvg):
         self,
         *,
         method: str,
-        norm_bound: float | None,
+        norm_bound: float,
         shipper: BackboneShipper,
         round_offset: int = 0,
         **kwargs: Any,
@@ -127,9 +127,9 @@ class CheckedFedAvg(FedAvg):
                 unreadable.append((node, str(exc)))
                 continue
             updates.append(update)
-        merged, rejected = aggregate(updates, self.current, method=self.method, norm_bound=self.norm_bound)
-        rejected = unreadable + rejected
-        accepted = [u for u in updates if u.node not in {node for node, _ in rejected}]
+        outcome = aggregate(updates, self.current, method=self.method, norm_bound=self.norm_bound)
+        rejected = unreadable + outcome.rejected
+        accepted = [u for u in updates if u.node in outcome.weights]
         combined: dict[str, float] = {}
         if accepted:
             examples = sum(u.examples for u in accepted)
@@ -143,6 +143,11 @@ class CheckedFedAvg(FedAvg):
             {
                 "accepted": [u.node for u in accepted],
                 "rejected": [{"node": node, "reason": reason} for node, reason in rejected],
+                "clipped": [
+                    {"node": node, "norm": norm, "bound": self.norm_bound}
+                    for node, norm in outcome.clipped.items()
+                ],
+                "weights": {str(node): weight for node, weight in outcome.weights.items()},
                 "failed": failed,
                 "clients": per_client,
                 "train": combined,
@@ -153,9 +158,9 @@ class CheckedFedAvg(FedAvg):
                 },
             }
         )
-        if merged is None:
+        if outcome.merged is None:
             return None, None
-        return to_record(merged), MetricRecord(combined)  # type: ignore[arg-type]  # floats
+        return to_record(outcome.merged), MetricRecord(combined)  # type: ignore[arg-type]  # floats
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Every merchant's validation metrics, and their example-weighted means."""
@@ -249,7 +254,7 @@ def run_federation(grid: Grid, cfg: Mapping[str, object]) -> None:
     if resumed is not None:
         done, arrays = resumed
     rewrite_round_log(run_dir, done)
-    norm_bound = number(cfg, "norm-bound") or None
+    norm_bound = number(cfg, "norm-bound") or default_norm_bound(arrays, number(cfg, "learning-rate"))
     min_nodes = int(number(cfg, "min-nodes"))
     config = ConfigRecord({key: cfg[key] for key in FORWARDED})  # type: ignore[misc]  # numbers and text
     config["num-server-rounds"] = total_rounds

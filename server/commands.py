@@ -93,7 +93,11 @@ def server(
     ] = 600.0,
     aggregation: Annotated[str, typer.Option("--aggregation", help=", ".join(AGGREGATORS))] = "fedavg",
     norm_bound: Annotated[
-        float, typer.Option("--norm-bound", help="Largest update change norm; 0: adaptive.")
+        float,
+        typer.Option(
+            "--norm-bound",
+            help="Each update's change is clipped to this norm; 0: 40 x learning rate per value.",
+        ),
     ] = 0.0,
     local_epochs: Annotated[float, typer.Option("--local-epochs")] = 1.0,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,

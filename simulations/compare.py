@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.clientapp.typing import Mod
 from flwr.simulation import run_simulation
 
 from fedanom.client.app import Merchant, make_client_app
@@ -144,7 +145,12 @@ def federated(
     dp: bool,
     seed: int,
     head: bool,
+    *,
+    mods: Sequence[Mod] = (),
+    overrides: Mapping[str, bool | float | int | str] | None = None,
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[dict[str, Any]]]:
+    """The federation's run; `mods` wrap every merchant's ClientApp and `overrides` change the run config
+    (benchmarks/poisoning.py makes some merchants hostile this way)."""
     shutil.rmtree(run_dir, ignore_errors=True)
     labels = []  # one slot per merchant, empty where it knows no attacks (a client without --labels)
     for i, s in enumerate(sessions):
@@ -166,10 +172,11 @@ def federated(
         "lora-seed": seed,
         "supervised-head": head,
         "round-timeout": 3600.0,
+        **(overrides or {}),
     }
     run_simulation(
         server_app=build_app(config),
-        client_app=make_client_app(),
+        client_app=make_client_app(mods),
         num_supernodes=len(merchants),
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )

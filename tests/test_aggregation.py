@@ -1,4 +1,5 @@
-"""Server-side aggregation: malformed, implausible or outsized replies are rejected, never averaged."""
+"""Server-side aggregation: malformed or implausible replies are rejected, never averaged; no merchant
+pulls the global adapter further than a bound that holds however many others collude."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata,
 from flwr.common import MessageType
 
 from fedanom.common.records import FAILURES, MERCHANT_SETUP
-from fedanom.server.aggregation import AGGREGATORS, Update, aggregate
+from fedanom.server.aggregation import AGGREGATORS, IMPLAUSIBLE, WEIGHT_CAP, Update, aggregate
 from fedanom.server.app import CheckedFedAvg
 from fedanom.server.replies import BadReply, evaluate_reply, failure, train_reply
 from fedanom.server.shipping import BackboneShipper
 
 REFERENCE = {"b1": np.zeros((4, 2), dtype=np.float32), "b2": np.zeros(3, dtype=np.float32)}
+BOUND = 1e3  # far above every honest change below (norm sqrt(11) * value)
 
 
 def update(node: int, value: float, examples: int = 10) -> Update:
@@ -25,11 +27,13 @@ def update(node: int, value: float, examples: int = 10) -> Update:
 
 
 def test_fedavg_weights_by_examples_exactly() -> None:
-    merged, rejected = aggregate([update(1, 1.0, 10), update(2, 4.0, 30)], REFERENCE)
-    assert rejected == []
-    assert merged is not None
-    np.testing.assert_allclose(merged["b1"], 3.25)  # (1*10 + 4*30) / 40
-    assert merged["b1"].dtype == np.float32
+    outcome = aggregate(
+        [update(1, 1.0, 10), update(2, 4.0, 30)], REFERENCE, method="fedavg", norm_bound=BOUND
+    )
+    assert outcome.rejected == [] and outcome.clipped == {}
+    assert outcome.merged is not None
+    np.testing.assert_allclose(outcome.merged["b1"], 3.25)  # (1*10 + 4*30) / 40
+    assert outcome.merged["b1"].dtype == np.float32
 
 
 @pytest.mark.parametrize(
@@ -42,7 +46,7 @@ def test_fedavg_weights_by_examples_exactly() -> None:
         (Update(9, {"b1": np.zeros((2, 4), np.float32), "b2": np.zeros(3, np.float32)}, 10), "shape"),
         (Update(9, {"b1": np.zeros((4, 2), np.float64), "b2": np.zeros(3, np.float32)}, 10), "dtype"),
         (Update(9, {"b1": np.zeros((4, 2), np.float32)}, 10), "tensors differ"),
-        (update(9, 1e6), "above the bound"),
+        (update(9, 1e6), f"over {IMPLAUSIBLE:g} times the bound"),
         (update(9, 1.0, examples=0), "training examples"),
     ],
 )
@@ -51,32 +55,52 @@ def test_bad_updates_are_rejected_and_the_global_stays_finite(
     broken: Update, reason: str, method: str
 ) -> None:
     honest = [update(1, 1.0), update(2, 1.2), update(3, 0.8)]
-    merged, rejected = aggregate([*honest, broken], REFERENCE, method=method)
-    assert [node for node, _ in rejected] == [9]
-    assert reason in rejected[0][1]
-    assert merged is not None
-    for value in merged.values():
+    outcome = aggregate([*honest, broken], REFERENCE, method=method, norm_bound=BOUND)
+    assert [node for node, _ in outcome.rejected] == [9]
+    assert reason in outcome.rejected[0][1]
+    assert outcome.merged is not None
+    for value in outcome.merged.values():
         assert np.isfinite(value).all()
         assert np.all((value >= 0.8) & (value <= 1.2))
 
 
-def test_an_absolute_norm_bound_applies_even_to_few_updates() -> None:
-    # change norms: sqrt(11) = 3.3 and 5 * sqrt(11) = 16.6
-    merged, rejected = aggregate([update(1, 1.0), update(2, 5.0)], REFERENCE, norm_bound=5.0)
-    assert [node for node, _ in rejected] == [2]
-    assert merged is not None and np.allclose(merged["b2"], 1.0)
+@pytest.mark.parametrize("attackers", [1, 2])
+def test_scaled_updates_are_clipped_to_the_bound_even_from_a_majority(attackers: int) -> None:
+    """Two of three merchants sending 8x-bound changes (under a median-based bound they passed): each
+    counts with the bound's norm, so the global moves at most the bound."""
+    bound = 5.0  # honest change norm sqrt(11) = 3.3
+    scaled = [update(10 + k, 8 * bound / np.sqrt(11)) for k in range(attackers)]
+    honest = [update(k, 1.0) for k in range(3 - attackers)]
+    outcome = aggregate([*honest, *scaled], REFERENCE, method="fedavg", norm_bound=bound)
+    assert outcome.rejected == [] and sorted(outcome.clipped) == [10 + k for k in range(attackers)]
+    assert outcome.merged is not None
+    merged_norm = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in outcome.merged.values()))
+    assert merged_norm <= bound + 1e-4
+
+
+def test_a_claimed_count_cannot_outweigh_the_others() -> None:
+    """A sign-flipped update claiming a billion sessions weighs at most WEIGHT_CAP times the lower median
+    count; claiming one session only shrinks the liar's own weight."""
+    honest = [update(1, 1.0, 100), update(2, 1.0, 120)]
+    outcome = aggregate([*honest, update(9, -1.0, 10**9)], REFERENCE, method="fedavg", norm_bound=BOUND)
+    assert outcome.weights[9] == WEIGHT_CAP * 120
+    assert outcome.merged is not None
+    expected = (100 + 120 - WEIGHT_CAP * 120) / (220 + WEIGHT_CAP * 120)
+    np.testing.assert_allclose(outcome.merged["b2"], expected, rtol=1e-6)
+    modest = aggregate([*honest, update(9, -1.0, 1)], REFERENCE, method="fedavg", norm_bound=BOUND)
+    assert modest.weights == {1: 100, 2: 120, 9: 1}
 
 
 def test_nothing_valid_leaves_the_global_unchanged() -> None:
-    merged, rejected = aggregate([update(1, np.inf)], REFERENCE)
-    assert merged is None and len(rejected) == 1
+    outcome = aggregate([update(1, np.inf)], REFERENCE, method="fedavg", norm_bound=BOUND)
+    assert outcome.merged is None and len(outcome.rejected) == 1
 
 
 def test_median_and_trimmed_mean_resist_one_outlier_within_the_bound() -> None:
     updates = [update(1, 1.0), update(2, 1.1), update(3, 0.9), update(4, 1.05), update(5, 3.0)]
     for method in ("median", "trimmed-mean"):
-        merged, _ = aggregate(updates, REFERENCE, method=method, norm_bound=1e9)
-        assert merged is not None and np.all(merged["b1"] < 1.2), method
+        outcome = aggregate(updates, REFERENCE, method=method, norm_bound=BOUND)
+        assert outcome.merged is not None and np.all(outcome.merged["b1"] < 1.2), method
 
 
 def reply(content: RecordDict | Error, node: int = 7) -> Message:
@@ -152,7 +176,7 @@ WITH, WITHOUT = "val-auprc-with-head", "val-auprc-without-head"
 def test_the_labelled_merchants_validation_decides_the_head_for_the_others(tiny_backbone: Path) -> None:
     """Example-weighted: the large merchant's head costs more AUPRC than the small one's gains."""
     shipper = BackboneShipper(tiny_backbone, {}, 1.0)
-    strategy = CheckedFedAvg(method="fedavg", norm_bound=None, shipper=shipper)
+    strategy = CheckedFedAvg(method="fedavg", norm_bound=BOUND, shipper=shipper)
     assert strategy.score_head  # until labelled merchants have measured it
     for large, small, decided in (((0.6, 0.8), (0.9, 0.7), False), ((0.8, 0.8), (0.9, 0.7), True)):
         strategy.record, strategy.clock = {"seconds": {}}, {"evaluate_sent": 0.0}
