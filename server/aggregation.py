@@ -9,12 +9,12 @@ on the others being honest (a median-based bound lets a colluding majority throu
 updates can drag it below every honest one):
 
 - **Its change is clipped to a fixed norm,** as DP-FedAvg clips client updates. The operator sets it
-  (`norm-bound`), or it follows from the learning rate: Adam moves each value by about the learning rate
-  per step, so under DP noise an honest update's change walks about `lr * sqrt(steps)` per value
+  (`norm-bound`), or it follows from the learning rate: Adam moves each value by about the learning
+  rate per step, so under DP noise an honest update's change walks about `lr * sqrt(steps)` per value
   (measured 1-31 times the learning rate on the real exports, the most for 60,000 sessions in a round,
-  BENCHMARKS.md), and the default allows `DEFAULT_RMS_PER_LR` times the learning rate per value. A change beyond `IMPLAUSIBLE` times the bound
-  is no honest run's (Adam would need tens of thousands of steps per round to walk that far): it is
-  rejected outright, so the round's log names it.
+  BENCHMARKS.md), and the default allows `DEFAULT_RMS_PER_LR` times the learning rate per value. A
+  change beyond `IMPLAUSIBLE` times the bound is no honest run's (Adam would need 160,000 steps
+  in a round to walk that far): it is rejected outright, so the round's log names it.
 - **Its weight is capped** at `WEIGHT_CAP` times the lower median of the round's example counts: a
   merchant cannot outweigh the others by claiming more sessions than it has, and claiming fewer only
   lowers its own weight.
