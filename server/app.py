@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
@@ -89,6 +90,15 @@ class CheckedFedAvg(FedAvg):
         # whether merchants whose labels cannot check it sum the anomaly head into their score: yes until
         # the labelled merchants' validation shows it ranks their attacks worse (aggregate_evaluate)
         self.score_head = True
+        self.sent: list[Message] = []  # this round's instructions: the grid gives each its id on sending
+
+    def sender(self, reply: Message) -> int:
+        """The merchant a reply answers for. The SuperLink writes the error reply for a merchant that
+        went away itself, from its own node id: the instruction it answers names the merchant."""
+        if reply.metadata.src_node_id != SUPERLINK_NODE_ID:
+            return reply.metadata.src_node_id
+        addressed = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
+        return addressed.get(reply.metadata.reply_to_message_id, SUPERLINK_NODE_ID)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -99,7 +109,8 @@ class CheckedFedAvg(FedAvg):
         unshipped = self.shipper.ensure(grid, [m.metadata.dst_node_id for m in messages])
         self.record = {"round": self.round_offset + server_round, "backbone_failed": _reasons(unshipped)}
         self.clock = {"backbone_check": time.monotonic() - started, "train_sent": time.monotonic()}
-        return [m for m in messages if m.metadata.dst_node_id not in unshipped]
+        self.sent = [m for m in messages if m.metadata.dst_node_id not in unshipped]
+        return self.sent
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -109,7 +120,8 @@ class CheckedFedAvg(FedAvg):
         self.record["score_head"] = self.score_head
         unshipped = self.shipper.ensure(grid, [m.metadata.dst_node_id for m in messages])
         self.clock["evaluate_sent"] = time.monotonic()
-        return [m for m in messages if m.metadata.dst_node_id not in unshipped]
+        self.sent = [m for m in messages if m.metadata.dst_node_id not in unshipped]
+        return self.sent
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -117,7 +129,7 @@ class CheckedFedAvg(FedAvg):
         arrived = time.monotonic()
         updates, failed, per_client, unreadable = [], [], {}, []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self.sender(msg)
             if msg.has_error():
                 failed.append({"node": node, "reason": failure(msg)})
                 continue
@@ -168,7 +180,7 @@ class CheckedFedAvg(FedAvg):
         per_client: dict[str, dict[str, float]] = {}
         failed, rejected = [], []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self.sender(msg)
             if msg.has_error():
                 failed.append({"node": node, "reason": failure(msg)})
                 continue

@@ -4,6 +4,7 @@ pulls the global adapter further than a bound that holds however many others col
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 from flwr.common import MessageType
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
 from fedanom.common.records import FAILURES, MERCHANT_SETUP
 from fedanom.server.aggregation import AGGREGATORS, IMPLAUSIBLE, WEIGHT_CAP, Update, aggregate
@@ -197,3 +199,18 @@ def test_a_failure_is_read_from_its_code_never_from_the_merchants_text() -> None
     assert failure(reply(Error(code=MERCHANT_SETUP, reason=leaked))) == FAILURES[MERCHANT_SETUP]
     assert failure(reply(Error(code=2, reason=leaked))) == "client app raised exception"
     assert failure(reply(Error(code=999, reason=leaked))) == "unknown failure code 999"
+
+
+def test_a_merchant_that_went_away_is_logged_by_its_own_node_id(tiny_backbone: Path) -> None:
+    """The SuperLink answers for a dead merchant from its own node id (1); the round's log names the
+    merchant the instruction went to."""
+    shipper = BackboneShipper(tiny_backbone, {}, 1.0)
+    strategy = CheckedFedAvg(method="fedavg", norm_bound=BOUND, shipper=shipper)
+    strategy.current = REFERENCE
+    strategy.record, strategy.clock = {"seconds": {}}, {"train_sent": 0.0, "backbone_check": 0.0}
+    metadata = Metadata(1, "instruction-to-4242", 1, 4242, "", "", time.time(), 60.0, MessageType.TRAIN)
+    instruction = Message(metadata=metadata, content=RecordDict())  # type: ignore[call-overload]
+    strategy.sent = [instruction]
+    gone = create_message_error_unavailable_res_message(instruction.metadata, "node_unavail")
+    strategy.aggregate_train(1, [gone])
+    assert strategy.record["failed"] == [{"node": 4242, "reason": "node unavailable"}]

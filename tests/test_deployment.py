@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import typer
 import yaml
+from flwr.common.constant import SUPERLINK_NODE_ID
 from sklearn.metrics import roc_auc_score
 
 from fedanom import cli as fedanom_cli
@@ -162,6 +163,7 @@ def test_a_merchant_killed_mid_round_leaves_the_round_to_the_others(deployment: 
     first = json.loads((deployment / "run" / "round-1" / "metrics.json").read_text())
     (failed,) = first["failed"]
     assert str(failed["node"]) not in first["clients"] and len(first["clients"]) == 3
+    assert failed["node"] != SUPERLINK_NODE_ID  # the merchant's own id, not the SuperLink's that answered
     assert failed["reason"]
 
 
