@@ -2,17 +2,23 @@
 
 Flower's processes launch further Flower executables by name, so they run with this environment's
 `bin` first on PATH. Outside loopback, TLS is required unless the operator insists on `--insecure`, which
-is allowed with a loud warning.
+is allowed with a loud warning. Each is stopped with every process it started, also when fedanom itself
+is told to stop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 from fedanom.common.errors import FedanomError
 
@@ -76,3 +82,28 @@ def wait_for_port(host: str, port: int, *, seconds: float, what: str) -> None:
         except OSError:
             time.sleep(0.5)
     raise FedanomError(f"{what} did not start listening on {host}:{port} within {seconds:.0f} s")
+
+
+def stop_tree(process: subprocess.Popen[bytes], seconds: float = 30.0) -> None:
+    """Stop a Flower process and every process it started. The SuperLink starts `flower-superexec` in a
+    session of its own, and that starts `flwr-serverapp`: stopping the SuperLink alone left them running
+    for minutes."""
+    try:
+        leader = psutil.Process(process.pid)
+        tree = [leader, *leader.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for member in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=seconds)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    process.wait()
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (`kill`, a service manager) into SystemExit, so `finally` blocks stop what this
+    process started instead of leaving it running."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -19,7 +19,14 @@ from typing import IO, Annotated
 import typer
 
 from fedanom.common.errors import FedanomError
-from fedanom.common.flower import check_transport, flower_environment, split_address, wait_for_port
+from fedanom.common.flower import (
+    check_transport,
+    exit_on_sigterm,
+    flower_environment,
+    split_address,
+    stop_tree,
+    wait_for_port,
+)
 from fedanom.common.ingest import ingest
 from fedanom.common.presets import resolve_preset
 from fedanom.common.sessions import SessionConfig
@@ -210,8 +217,10 @@ def server(
         "supervised-head": supervised_head,
     }
     env = flower_environment(FLWR_HOME=str(home))
+    exit_on_sigterm()
     with open(run_dir / "superlink.log", "a") as log:
         superlink = subprocess.Popen(link, stdout=log, stderr=subprocess.STDOUT, env=env)
+        launcher: subprocess.Popen[bytes] | None = None
         try:
             wait_for_port(connect_host, port, seconds=60, what="the SuperLink")
             for key in node_keys or []:
@@ -226,12 +235,14 @@ def server(
                 run_config(values),
                 "--stream",
             ]
-            finished = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            launcher = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            finished = launcher.wait()
         finally:
-            superlink.terminate()
-            superlink.wait(timeout=30)
+            for process in (launcher, superlink):
+                if process is not None:
+                    stop_tree(process)
     rounds_log = run_dir / "rounds.jsonl"
-    if finished.returncode != 0 or not (run_dir / "global" / "adapter").exists():
+    if finished != 0 or not (run_dir / "global" / "adapter").exists():
         raise FedanomError(f"the federated run did not finish; see {run_dir / 'superlink.log'}")
     done = [json.loads(line) for line in rounds_log.read_text().splitlines()] if rounds_log.exists() else []
     rejected = sum(len(r["rejected"]) for r in done)

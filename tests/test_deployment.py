@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 import pandas as pd
+import psutil
 import pytest
 import typer
 import yaml
@@ -203,6 +204,31 @@ def test_the_operator_sees_the_run_with_flwr_ls_and_flwr_log(deployment: Path) -
     runs = json.loads((deployment / "flwr-ls.json").read_text())["runs"]
     assert len(runs) == 1 and "running" in runs[0]["status"].lower()
     assert "ROUND 1" in (deployment / "flwr-log.txt").read_text()
+
+
+def test_a_server_told_to_stop_leaves_no_flower_process_behind(tmp_path: Path, tiny_backbone: Path) -> None:
+    """SIGTERM to `fedanom server` alone (as `kill` or a service manager sends it) stops the SuperLink,
+    and the `flower-superexec` / `flwr-serverapp` it started in a session of their own."""
+    shutil.copytree(tiny_backbone, tmp_path / "base")
+    server = start(
+        *["server", "--base", "base", "--run-dir", "run", "--address", f"127.0.0.1:{free_port()}"],
+        cwd=tmp_path,
+        log=tmp_path / "server.log",
+    )
+    try:
+        tree: list[psutil.Process] = []
+
+        def serverapp_running() -> bool:
+            tree[:] = psutil.Process(server.pid).children(recursive=True)
+            return any("flwr-serverapp" in " ".join(p.cmdline()) for p in tree if p.is_running())
+
+        wait_for(serverapp_running, 120, "the ServerApp process")
+        os.kill(server.pid, signal.SIGTERM)
+        assert server.wait(timeout=60) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(tree, timeout=5)
+        assert alive == [], [p.cmdline() for p in alive]
+    finally:
+        kill(server)
 
 
 def test_plain_text_outside_loopback_is_refused(tmp_path: Path) -> None:
