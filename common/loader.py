@@ -209,6 +209,8 @@ class EventReader:
             if skip_header and block:
                 newline = block.find(b"\n")
                 block, skip_header = (block[newline + 1 :] if newline >= 0 else b""), False
+            if block and self.encoding == "utf-8" and not _is_utf8(block):
+                block = _escape_bad_utf8_on_wrong_width_lines(block, preset.sep, len(self._header))
             if block:
                 try:
                     # Arrow parses in 1 MiB chunks on every core; a longer line needs one chunk for the block
@@ -526,6 +528,28 @@ def _cut(text: str) -> str:
     if len(text) <= QUARANTINE_CHARS:
         return text
     return f"{text[:QUARANTINE_CHARS]}... ({len(text):,} characters)"
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _escape_bad_utf8_on_wrong_width_lines(block: bytes, sep: str, width: int) -> bytes:
+    """Arrow decodes a line with the wrong field count strictly before its invalid-row handler sees it,
+    so one such line that was also not UTF-8 stopped the whole file. Its bad bytes are escaped
+    (backslashreplace) so it is quarantined for its field count like any other; a line of the right width
+    keeps its bytes and is quarantined as invalid UTF-8 in its column."""
+    lines = block.split(b"\n")
+    for k, line in enumerate(lines):
+        if not _is_utf8(line):
+            text = line.decode("utf-8", errors="backslashreplace")
+            if len(next(csv.reader([text.rstrip("\r")], delimiter=sep))) != width:
+                lines[k] = text.encode("utf-8")
+    return b"\n".join(lines)
 
 
 def _longest_line(block: bytes) -> int:

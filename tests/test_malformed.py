@@ -264,3 +264,19 @@ def test_cr_only_line_endings_read_like_lf(tmp_path: Path) -> None:
     path = write(tmp_path / "mac.csv", (HEADER + "\n".join(GOOD) + "\n").replace("\n", "\r"))
     reader = read_all(path)
     assert (reader.report.rows_in, reader.report.rows_kept) == (len(GOOD), len(GOOD))
+
+
+def test_a_line_with_the_wrong_field_count_and_invalid_utf8_is_quarantined(tmp_path: Path) -> None:
+    """Arrow decodes such a line strictly before its invalid-row handler sees it: the file was refused.
+    Beside it, a line of the right width with invalid UTF-8 is quarantined in its column as before."""
+    wrong = b"u3,1700000020,view,i\xff\xfe,c1,1,extra"
+    right = b"u4,1700000030,view,i\xff,c1,1"
+    lines = [g.encode() for g in GOOD]
+    path = write(
+        tmp_path / "bad.csv", HEADER.encode() + b"\n".join([*lines[:2], wrong, right, *lines[2:]]) + b"\n"
+    )
+    reader = read_all(path, quarantine_path=tmp_path / "q.csv")
+    assert (reader.report.rows_in, reader.report.rows_kept, reader.report.rows_quarantined) == (6, 4, 2)
+    rows = {row["line"]: row for row in quarantine_rows(tmp_path / "q.csv")}
+    assert rows["4"]["reason"] == "wrong number of fields" and "\\xff\\xfe" in rows["4"]["record"]
+    assert rows["5"]["reason"] == "invalid UTF-8" and rows["5"]["column"] == "item_id"
