@@ -7,7 +7,6 @@ answer without waiting ~8 s for it to load.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +16,13 @@ import pandas as pd
 import typer
 
 from fedanom.common.errors import FedanomError
-from fedanom.common.flower import check_transport, flower_environment, split_address
+from fedanom.common.flower import (
+    check_transport,
+    exit_on_sigterm,
+    flower_environment,
+    run_tree,
+    split_address,
+)
 from fedanom.common.labels import load_label_table, read_labels
 from fedanom.common.settings import LoraSettings, TrainSettings
 from fedanom.common.windows import Windows
@@ -280,9 +285,10 @@ def client(
     # The ClientApp processes the SuperNode starts inherit this; more threads than cores make DP-SGD's many
     # small operations spin rather than compute.
     environment = flower_environment(**({"OMP_NUM_THREADS": str(threads)} if threads > 0 else {}))
+    exit_on_sigterm()
     deadline = time.monotonic() + give_up_after
     while True:
-        code = subprocess.run(command, env=environment).returncode
+        code = run_tree(command, env=environment)
         if code in (0, -2, 130):  # finished, or the merchant pressed Ctrl-C
             return
         if time.monotonic() >= deadline:

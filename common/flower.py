@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -101,6 +102,17 @@ def stop_tree(process: subprocess.Popen[bytes], seconds: float = 30.0) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             member.kill()
     process.wait()
+
+
+def run_tree(command: list[str], **popen: Any) -> int:
+    """Run a Flower command to its end, and its exit code. Stopped early (an exception, or SIGTERM through
+    `exit_on_sigterm`), it is stopped with every process it started."""
+    process = subprocess.Popen(command, **popen)
+    try:
+        return process.wait()
+    finally:
+        if process.poll() is None:
+            stop_tree(process)
 
 
 def exit_on_sigterm() -> None:

@@ -23,6 +23,7 @@ from fedanom.common.flower import (
     check_transport,
     exit_on_sigterm,
     flower_environment,
+    run_tree,
     split_address,
     stop_tree,
     wait_for_port,
@@ -220,7 +221,6 @@ def server(
     exit_on_sigterm()
     with open(run_dir / "superlink.log", "a") as log:
         superlink = subprocess.Popen(link, stdout=log, stderr=subprocess.STDOUT, env=env)
-        launcher: subprocess.Popen[bytes] | None = None
         try:
             wait_for_port(connect_host, port, seconds=60, what="the SuperLink")
             for key in node_keys or []:
@@ -235,12 +235,9 @@ def server(
                 run_config(values),
                 "--stream",
             ]
-            launcher = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-            finished = launcher.wait()
+            finished = run_tree(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         finally:
-            for process in (launcher, superlink):
-                if process is not None:
-                    stop_tree(process)
+            stop_tree(superlink)
     rounds_log = run_dir / "rounds.jsonl"
     if finished != 0 or not (run_dir / "global" / "adapter").exists():
         raise FedanomError(f"the federated run did not finish; see {run_dir / 'superlink.log'}")

@@ -206,29 +206,44 @@ def test_the_operator_sees_the_run_with_flwr_ls_and_flwr_log(deployment: Path) -
     assert "ROUND 1" in (deployment / "flwr-log.txt").read_text()
 
 
-def test_a_server_told_to_stop_leaves_no_flower_process_behind(tmp_path: Path, tiny_backbone: Path) -> None:
-    """SIGTERM to `fedanom server` alone (as `kill` or a service manager sends it) stops the SuperLink,
-    and the `flower-superexec` / `flwr-serverapp` it started in a session of their own."""
+def test_a_server_and_a_client_told_to_stop_leave_no_flower_process_behind(
+    tmp_path: Path, tiny_backbone: Path
+) -> None:
+    """SIGTERM to `fedanom server` and `fedanom client` alone (as `kill` or a service manager sends it)
+    stops the SuperLink with the `flower-superexec` / `flwr-serverapp` it started in a session of their
+    own, and the SuperNode with everything it started."""
     shutil.copytree(tiny_backbone, tmp_path / "base")
-    server = start(
-        *["server", "--base", "base", "--run-dir", "run", "--address", f"127.0.0.1:{free_port()}"],
-        cwd=tmp_path,
-        log=tmp_path / "server.log",
+    write_taobao_csv(
+        generate_shop(ShopConfig(n_events=400, n_users=40, n_items=100), seed=5), tmp_path / "m.csv"
     )
+    address = f"127.0.0.1:{free_port()}"
+    server = start(
+        *["server", "--base", "base", "--run-dir", "run", "--address", address],
+        cwd=tmp_path,
+        log=tmp_path / "s.log",
+    )
+    client = start(
+        *["client", "--server", address, "--data", "m.csv", "-p", "taobao", "--port", str(free_port())],
+        cwd=tmp_path,
+        log=tmp_path / "c.log",
+    )
+    trees: dict[int, list[psutil.Process]] = {}
+
+    def running(process: subprocess.Popen[bytes], name: str) -> bool:
+        trees[process.pid] = psutil.Process(process.pid).children(recursive=True)
+        return any(name in " ".join(p.cmdline()) for p in trees[process.pid] if p.is_running())
+
     try:
-        tree: list[psutil.Process] = []
-
-        def serverapp_running() -> bool:
-            tree[:] = psutil.Process(server.pid).children(recursive=True)
-            return any("flwr-serverapp" in " ".join(p.cmdline()) for p in tree if p.is_running())
-
-        wait_for(serverapp_running, 120, "the ServerApp process")
-        os.kill(server.pid, signal.SIGTERM)
-        assert server.wait(timeout=60) == 128 + signal.SIGTERM
-        _, alive = psutil.wait_procs(tree, timeout=5)
+        wait_for(lambda: running(server, "flwr-serverapp"), 120, "the ServerApp process")
+        wait_for(lambda: running(client, "flower-supernode"), 120, "the SuperNode process")
+        for process in (server, client):
+            os.kill(process.pid, signal.SIGTERM)
+            assert process.wait(timeout=60) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs([p for tree in trees.values() for p in tree], timeout=5)
         assert alive == [], [p.cmdline() for p in alive]
     finally:
         kill(server)
+        kill(client)
 
 
 def test_plain_text_outside_loopback_is_refused(tmp_path: Path) -> None:
