@@ -220,8 +220,11 @@ def corrupt_updates(msg: Message, context: Context, call_next: ClientAppCallable
             arrays[name] = np.full_like(arrays[name], np.nan)
         elif kind == "shape":
             arrays[name] = np.zeros((*arrays[name].shape, 2), dtype=arrays[name].dtype)
-        else:  # "huge"
+        elif kind == "huge":
             arrays = {k: v + 1e4 for k, v in arrays.items()}
+        else:  # a count: "nan-count" or "inflated-count"
+            count = float("nan") if kind == "nan-count" else 1e12
+            reply.content.metric_records["metrics"]["num-examples"] = count
         reply.content["arrays"] = to_record(arrays)
     return reply
 
@@ -250,9 +253,16 @@ def simulate(
     return [json.loads(line) for line in (root / run / "rounds.jsonl").read_text().splitlines()]
 
 
-def test_broken_updates_are_rejected_and_the_global_stays_the_honest_average(federation: Path) -> None:
-    merchants = [str(federation / f"merchant-{i % 3}.csv") for i in range(5)]
-    os.environ[CORRUPT] = "0=nan,1=shape,2=huge"
+def test_a_hostile_merchant_is_rejected_with_its_reason_and_the_round_goes_on(federation: Path) -> None:
+    """Broken tensors, a huge change, a NaN and an inflated session count, and a failure over a bad row
+    carrying an e-mail address: each is left out with its reason in rounds.jsonl, nothing of the bad row
+    reaches it, and the round averages the two honest merchants."""
+    leak = federation / "alice@example.com.csv"
+    leak.write_text(
+        "user_id,item_id,category_id,behavior_type,timestamp\nalice@example.com,4111111111111111,1,pv,soon\n"
+    )
+    merchants = [str(federation / f"merchant-{i % 3}.csv") for i in range(7)] + [str(leak)]
+    os.environ[CORRUPT] = "0=nan,1=shape,2=huge,3=nan-count,4=inflated-count"
     try:
         (log,) = simulate(
             federation, "poisoned", merchants, **{"sim-state-root": str(federation / "state-poisoned")}
@@ -260,13 +270,13 @@ def test_broken_updates_are_rejected_and_the_global_stays_the_honest_average(fed
     finally:
         os.environ.pop(CORRUPT)
     reasons = sorted(r["reason"] for r in log["rejected"])
-    assert len(log["accepted"]) == 2 and len(reasons) == 3
-    assert any("non-finite" in r for r in reasons)
-    assert any("shape" in r for r in reasons)
-    assert any("times the bound" in r for r in reasons)
+    assert len(log["accepted"]) == 2 and len(reasons) == 5
+    for expected in ("non-finite", "shape", "times the bound", "'num-examples' is nan", "outside [1, 1e+09]"):
+        assert any(expected in r for r in reasons), expected
+    assert [f["reason"] for f in log["failed"]] == [FAILURES[MERCHANT_SETUP]]
+    written = (federation / "poisoned" / "rounds.jsonl").read_text()
+    assert "alice" not in written and "4111" not in written
     assert sorted(log["weights"]) == sorted(str(node) for node in log["accepted"]) and log["clipped"] == []
-    honest = [log["clients"][str(node)] for node in log["accepted"]]
-    assert all(c["num-examples"] > 0 for c in honest)
     with np.load(federation / "poisoned" / "round-1" / "adapter.npz") as adapter:
         assert all(
             np.isfinite(adapter[name]).all() and np.abs(adapter[name]).max() < 1.0 for name in adapter.files
