@@ -18,9 +18,9 @@ import typer
 from fedanom.common.errors import FedanomError
 from fedanom.common.flower import (
     check_transport,
-    exit_on_sigterm,
     flower_environment,
-    run_tree,
+    own_flower_processes,
+    run_to_end,
     split_address,
 )
 from fedanom.common.labels import load_label_table, read_labels
@@ -285,10 +285,10 @@ def client(
     # The ClientApp processes the SuperNode starts inherit this; more threads than cores make DP-SGD's many
     # small operations spin rather than compute.
     environment = flower_environment(**({"OMP_NUM_THREADS": str(threads)} if threads > 0 else {}))
-    exit_on_sigterm()
+    own_flower_processes()
     deadline = time.monotonic() + give_up_after
     while True:
-        code = run_tree(command, env=environment)
+        code = run_to_end(command, env=environment)
         if code in (0, -2, 130):  # finished, or the merchant pressed Ctrl-C
             return
         if time.monotonic() >= deadline:

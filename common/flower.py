@@ -9,6 +9,7 @@ is told to stop.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import os
 import signal
@@ -24,6 +25,7 @@ import psutil
 from fedanom.common.errors import FedanomError
 
 FLOWER_BIN = Path(sys.executable).parent
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
 
 
 def flower_environment(**extra: str) -> dict[str, str]:
@@ -85,37 +87,45 @@ def wait_for_port(host: str, port: int, *, seconds: float, what: str) -> None:
     raise FedanomError(f"{what} did not start listening on {host}:{port} within {seconds:.0f} s")
 
 
-def stop_tree(process: subprocess.Popen[bytes], seconds: float = 30.0) -> None:
-    """Stop a Flower process and every process it started. The SuperLink starts `flower-superexec` in a
-    session of its own, and that starts `flwr-serverapp`: stopping the SuperLink alone left them running
-    for minutes."""
-    try:
-        leader = psutil.Process(process.pid)
-        tree = [leader, *leader.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    for member in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.terminate()
-    _, alive = psutil.wait_procs(tree, timeout=seconds)
-    for member in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.kill()
-    process.wait()
+def own_flower_processes() -> None:
+    """Stop what this process starts from outliving it, also when it is told to stop.
+
+    SIGTERM (`kill`, a service manager) becomes SystemExit, so `finally` blocks run; and on Linux this
+    process becomes the subreaper of everything it starts, so a process whose parent dies (the
+    `flwr-clientapp` of a SuperNode that crashed, the `flower-superexec` and `flwr-serverapp` that the
+    SuperLink starts in a session of their own) is re-parented here, where `stop_descendants` finds it,
+    instead of running on for minutes under init."""
+
+    def leave(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def run_tree(command: list[str], **popen: Any) -> int:
-    """Run a Flower command to its end, and its exit code. Stopped early (an exception, or SIGTERM through
-    `exit_on_sigterm`), it is stopped with every process it started."""
-    process = subprocess.Popen(command, **popen)
+def stop_descendants(seconds: float = 30.0) -> None:
+    """Ask every process this one started (and, after `own_flower_processes`, their orphans) to stop,
+    wait, kill what is left; again until none is left, as a stopping process may start another."""
+    for _ in range(5):
+        tree = psutil.Process().children(recursive=True)
+        if not tree:
+            return
+        for member in tree:
+            with contextlib.suppress(psutil.Error):
+                member.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=seconds)
+        for member in alive:
+            with contextlib.suppress(psutil.Error):
+                member.kill()
+        psutil.wait_procs(alive, timeout=5)
+
+
+def run_to_end(command: list[str], **popen: Any) -> int:
+    """Run a Flower command to its end, and its exit code; then, or when stopped early, stop whatever it
+    started and left behind."""
     try:
-        return process.wait()
+        return subprocess.Popen(command, **popen).wait()
     finally:
-        if process.poll() is None:
-            stop_tree(process)
-
-
-def exit_on_sigterm() -> None:
-    """Turn SIGTERM (`kill`, a service manager) into SystemExit, so `finally` blocks stop what this
-    process started instead of leaving it running."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        stop_descendants()

@@ -12,6 +12,7 @@ them (`LoadReport.line_numbers`).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
@@ -63,6 +64,9 @@ WRONG_FIELD_COUNT = "wrong number of fields"
 MAX_FIELD_CHARS = 65_536
 FIELD_TOO_LONG = f"field longer than {MAX_FIELD_CHARS:,} characters"
 QUARANTINE_CHARS = 4_096  # a quarantined record or value is cut here, so one bad line cannot fill a disk
+# Python's csv module (counting a bad line's fields) refuses fields over 128 KiB; such a field is for the
+# quarantine to report (FIELD_TOO_LONG), not a reason to stop reading
+csv.field_size_limit(2**31 - 1)
 
 
 @dataclass
@@ -209,7 +213,7 @@ class EventReader:
             if skip_header and block:
                 newline = block.find(b"\n")
                 block, skip_header = (block[newline + 1 :] if newline >= 0 else b""), False
-            if block and self.encoding == "utf-8" and not _is_utf8(block):
+            if block and codecs.lookup(self.encoding).name == "utf-8" and not _is_utf8(block):
                 block = _escape_bad_utf8_on_wrong_width_lines(block, preset.sep, len(self._header))
             if block:
                 try:
@@ -251,6 +255,11 @@ class EventReader:
             ) from None
         if not line.strip():
             raise FedanomError(f"{self.path} is empty (its first line is blank)")
+        if len(line) > MAX_FIELD_CHARS:
+            raise FedanomError(
+                f"{self.path}: line 1 cannot be read: it is {len(line):,} characters long, and the first "
+                f"line holds the column names or the first event"
+            )
         try:
             fields = next(csv.reader([line], delimiter=preset.sep))
         except csv.Error as exc:

@@ -15,13 +15,14 @@ updates can drag it below every honest one):
   BENCHMARKS.md), and the default allows `DEFAULT_RMS_PER_LR` times the learning rate per value. A
   change beyond `IMPLAUSIBLE` times the bound is no honest run's (Adam would need 160,000 steps
   in a round to walk that far): it is rejected outright, so the round's log names it.
-- **Its weight is capped** at `WEIGHT_CAP` times the lower median of the round's example counts: a
-  merchant cannot outweigh the others by claiming more sessions than it has, and claiming fewer only
-  lowers its own weight.
+- **Its weight is capped** at `WEIGHT_CAP` times the lower median of the round's example counts, and
+  at the others' weights together: claiming more sessions than it has wins a merchant at most half
+  the average, and claiming fewer lowers its own weight and at most evens out the others'.
 
 Under FFA-LoRA only B is sent and A is the same everywhere, so the weighted mean of the B matrices
-(FedAvg) is exactly the average of the merchants' adapters. Coordinate-wise trimmed mean and median
-(unweighted) are there for federations that expect poisoned updates.
+(FedAvg) is exactly the average of the merchants' adapters. Coordinate-wise trimmed mean (at least the
+largest and smallest value cut from three updates on) and median, both unweighted, are there for
+federations that expect poisoned updates.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def _fedavg(stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def _trimmed_mean(stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    cut = int(TRIM_FRACTION * len(stack))
+    cut = max(1, int(TRIM_FRACTION * len(stack))) if len(stack) >= 3 else 0
     ordered = np.sort(stack, axis=0)
     return ordered[cut : len(stack) - cut].mean(axis=0)
 
@@ -106,10 +107,13 @@ AGGREGATORS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 
 
 def capped_weights(examples: list[int]) -> np.ndarray:
-    """Example counts capped at WEIGHT_CAP times their lower median (the smaller of two)."""
+    """Example counts capped at WEIGHT_CAP times their lower median (the smaller of two), then each at the
+    sum of the others' (a lone merchant keeps its own)."""
     counts = np.array(examples, dtype=np.float64)
     lower_median = float(np.sort(counts)[(len(counts) - 1) // 2])
-    return np.minimum(counts, WEIGHT_CAP * lower_median)
+    capped = np.minimum(counts, WEIGHT_CAP * lower_median)
+    others = capped.sum() - capped
+    return np.minimum(capped, others) if len(capped) > 1 else capped
 
 
 def aggregate(updates: list[Update], reference: Arrays, *, method: str, norm_bound: float) -> Outcome:

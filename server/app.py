@@ -14,6 +14,7 @@ restarted run continues after its last completed round. The final global adapter
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fedanom.common.artifact import backbone_hash, load_backbone
+from fedanom.common.errors import FedanomError
 from fedanom.common.model import attach_lora, trainable_state
 from fedanom.common.records import (
     EVALUATE_METRICS,
@@ -39,7 +41,7 @@ from fedanom.common.records import (
     to_numpy,
     to_record,
 )
-from fedanom.server.aggregation import Arrays, aggregate, default_norm_bound
+from fedanom.server.aggregation import Arrays, aggregate, capped_weights, default_norm_bound
 from fedanom.server.replies import BadReply, evaluate_reply, failure, train_reply
 from fedanom.server.shipping import BackboneShipper
 
@@ -144,12 +146,12 @@ class CheckedFedAvg(FedAvg):
         accepted = [u for u in updates if u.node in outcome.weights]
         combined: dict[str, float] = {}
         if accepted:
-            examples = sum(u.examples for u in accepted)
+            weights = outcome.weights
             combined = {
-                "train-loss": sum(per_client[str(u.node)]["train-loss"] * u.examples for u in accepted)
-                / examples,
+                "train-loss": sum(per_client[str(u.node)]["train-loss"] * weights[u.node] for u in accepted)
+                / sum(weights.values()),
                 "max-epsilon": max(per_client[str(u.node)]["epsilon"] for u in accepted),
-                "num-examples": examples,
+                "num-examples": sum(u.examples for u in accepted),
             }
         self.record.update(
             {
@@ -189,10 +191,11 @@ class CheckedFedAvg(FedAvg):
             except BadReply as exc:
                 rejected.append({"node": node, "reason": str(exc)})
         combined: dict[str, float] = {}
-        for key in EVALUATE_METRICS[1:]:
-            weighted = [(m[key], m["num-examples"]) for m in per_client.values() if key in m]
-            if weighted:
-                combined[key] = sum(v * n for v, n in weighted) / sum(n for _, n in weighted)
+        for key in EVALUATE_METRICS[1:]:  # weighted as training is: no claimed count decides alone
+            reported = [m for m in per_client.values() if key in m]
+            if reported:
+                weights = capped_weights([int(m["num-examples"]) for m in reported])
+                combined[key] = float(np.dot([m[key] for m in reported], weights) / weights.sum())
         self.record["evaluate"] = {
             "clients": per_client,
             "failed": failed,
@@ -267,6 +270,8 @@ def run_federation(grid: Grid, cfg: Mapping[str, object]) -> None:
         done, arrays = resumed
     rewrite_round_log(run_dir, done)
     norm_bound = number(cfg, "norm-bound") or default_norm_bound(arrays, number(cfg, "learning-rate"))
+    if not 0 < norm_bound < math.inf:
+        raise FedanomError(f"the update norm bound must be a positive number, not {norm_bound:g}")
     min_nodes = int(number(cfg, "min-nodes"))
     config = ConfigRecord({key: cfg[key] for key in FORWARDED})  # type: ignore[misc]  # numbers and text
     config["num-server-rounds"] = total_rounds

@@ -11,6 +11,7 @@ been read), so `--help` and a mistake in the options answer without waiting ~8 s
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
@@ -21,11 +22,11 @@ import typer
 from fedanom.common.errors import FedanomError
 from fedanom.common.flower import (
     check_transport,
-    exit_on_sigterm,
     flower_environment,
-    run_tree,
+    own_flower_processes,
+    run_to_end,
     split_address,
-    stop_tree,
+    stop_descendants,
     wait_for_port,
 )
 from fedanom.common.ingest import ingest
@@ -148,6 +149,8 @@ def server(
     backbone_hash(base)  # a clear error now rather than in every merchant later
     if aggregation not in AGGREGATORS:
         raise FedanomError(f"--aggregation must be one of {', '.join(AGGREGATORS)}")
+    if not 0 <= norm_bound < math.inf:
+        raise FedanomError(f"--norm-bound {norm_bound:g}: give a positive norm, or 0 for the default")
     host, port = split_address(address)
     plain = check_transport(host, insecure=insecure, has_certificates=certificates is not None)
     for key in node_keys or []:
@@ -218,10 +221,10 @@ def server(
         "supervised-head": supervised_head,
     }
     env = flower_environment(FLWR_HOME=str(home))
-    exit_on_sigterm()
+    own_flower_processes()
     with open(run_dir / "superlink.log", "a") as log:
-        superlink = subprocess.Popen(link, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
+            subprocess.Popen(link, stdout=log, stderr=subprocess.STDOUT, env=env)
             wait_for_port(connect_host, port, seconds=60, what="the SuperLink")
             for key in node_keys or []:
                 register_node(key, env, log)
@@ -235,9 +238,9 @@ def server(
                 run_config(values),
                 "--stream",
             ]
-            finished = run_tree(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            finished = run_to_end(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         finally:
-            stop_tree(superlink)
+            stop_descendants()  # the SuperLink, and what it started
     rounds_log = run_dir / "rounds.jsonl"
     if finished != 0 or not (run_dir / "global" / "adapter").exists():
         raise FedanomError(f"the federated run did not finish; see {run_dir / 'superlink.log'}")

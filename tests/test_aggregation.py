@@ -29,12 +29,11 @@ def update(node: int, value: float, examples: int = 10) -> Update:
 
 
 def test_fedavg_weights_by_examples_exactly() -> None:
-    outcome = aggregate(
-        [update(1, 1.0, 10), update(2, 4.0, 30)], REFERENCE, method="fedavg", norm_bound=BOUND
-    )
+    updates = [update(1, 1.0, 10), update(2, 4.0, 30), update(3, 2.0, 20)]
+    outcome = aggregate(updates, REFERENCE, method="fedavg", norm_bound=BOUND)
     assert outcome.rejected == [] and outcome.clipped == {}
     assert outcome.merged is not None
-    np.testing.assert_allclose(outcome.merged["b1"], 3.25)  # (1*10 + 4*30) / 40
+    np.testing.assert_allclose(outcome.merged["b1"], 170 / 60)  # (1*10 + 4*30 + 2*20) / 60
     assert outcome.merged["b1"].dtype == np.float32
 
 
@@ -82,15 +81,23 @@ def test_scaled_updates_are_clipped_to_the_bound_even_from_a_majority(attackers:
 
 def test_a_claimed_count_cannot_outweigh_the_others() -> None:
     """A sign-flipped update claiming a billion sessions weighs at most WEIGHT_CAP times the lower median
-    count; claiming one session only shrinks the liar's own weight."""
+    count, and at most the others together: the global keeps the honest sign. Claiming one session
+    shrinks the liar's own weight and at most evens out the others'."""
     honest = [update(1, 1.0, 100), update(2, 1.0, 120)]
     outcome = aggregate([*honest, update(9, -1.0, 10**9)], REFERENCE, method="fedavg", norm_bound=BOUND)
-    assert outcome.weights[9] == WEIGHT_CAP * 120
-    assert outcome.merged is not None
-    expected = (100 + 120 - WEIGHT_CAP * 120) / (220 + WEIGHT_CAP * 120)
-    np.testing.assert_allclose(outcome.merged["b2"], expected, rtol=1e-6)
+    assert outcome.weights == {1: 100, 2: 120, 9: 220}
+    assert outcome.merged is not None and np.all(outcome.merged["b2"] >= 0.0)
+    many = [*(update(k, 1.0, 100) for k in range(12)), update(99, -1.0, 10**9)]
+    assert aggregate(many, REFERENCE, method="fedavg", norm_bound=BOUND).weights[99] == WEIGHT_CAP * 100
     modest = aggregate([*honest, update(9, -1.0, 1)], REFERENCE, method="fedavg", norm_bound=BOUND)
-    assert modest.weights == {1: 100, 2: 120, 9: 1}
+    assert modest.weights == {1: 100, 2: 101, 9: 1}  # the others' caps: 121 and 101
+
+
+def test_trimmed_mean_cuts_the_extremes_from_three_updates_on() -> None:
+    outcome = aggregate(
+        [update(1, 1.0), update(2, 1.1), update(3, -50.0)], REFERENCE, method="trimmed-mean", norm_bound=BOUND
+    )
+    assert outcome.merged is not None and np.allclose(outcome.merged["b1"], 1.0)
 
 
 def test_nothing_valid_leaves_the_global_unchanged() -> None:
@@ -187,6 +194,7 @@ def test_the_labelled_merchants_validation_decides_the_head_for_the_others(tiny_
             for node, metrics in (
                 (1, {"num-examples": 300, "val-surprise": 3.0, WITH: large[0], WITHOUT: large[1]}),
                 (2, {"num-examples": 100, "val-surprise": 3.0, WITH: small[0], WITHOUT: small[1]}),
+                (4, {"num-examples": 200, "val-surprise": 3.0, WITH: 0.7, WITHOUT: 0.7}),  # indifferent
                 (3, {"num-examples": 900, "val-surprise": 3.0}),  # no labels: it has no say
             )
         ]

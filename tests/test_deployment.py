@@ -7,6 +7,7 @@ only SuperNodes whose keys the operator registered may join."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -227,20 +228,25 @@ def test_a_server_and_a_client_told_to_stop_leave_no_flower_process_behind(
         cwd=tmp_path,
         log=tmp_path / "c.log",
     )
-    trees: dict[int, list[psutil.Process]] = {}
+    seen: set[psutil.Process] = set()  # every process either has started, in any snapshot
 
     def running(process: subprocess.Popen[bytes], name: str) -> bool:
-        trees[process.pid] = psutil.Process(process.pid).children(recursive=True)
-        return any(name in " ".join(p.cmdline()) for p in trees[process.pid] if p.is_running())
+        found = False
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(process.pid).children(recursive=True):
+                seen.add(child)
+                with contextlib.suppress(psutil.Error):
+                    found = found or name in " ".join(child.cmdline())
+        return found
 
     try:
         wait_for(lambda: running(server, "flwr-serverapp"), 120, "the ServerApp process")
         wait_for(lambda: running(client, "flower-supernode"), 120, "the SuperNode process")
         for process in (server, client):
             os.kill(process.pid, signal.SIGTERM)
-            assert process.wait(timeout=60) == 128 + signal.SIGTERM
-        _, alive = psutil.wait_procs([p for tree in trees.values() for p in tree], timeout=5)
-        assert alive == [], [p.cmdline() for p in alive]
+            assert process.wait(timeout=120) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(list(seen), timeout=5)
+        assert alive == [], [p.pid for p in alive]
     finally:
         kill(server)
         kill(client)

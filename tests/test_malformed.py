@@ -271,12 +271,14 @@ def test_a_line_with_the_wrong_field_count_and_invalid_utf8_is_quarantined(tmp_p
     Beside it, a line of the right width with invalid UTF-8 is quarantined in its column as before."""
     wrong = b"u3,1700000020,view,i\xff\xfe,c1,1,extra"
     right = b"u4,1700000030,view,i\xff,c1,1"
+    long = b"u5,1700000040,view," + b"x" * (130 << 10) + b"\xff,c1,1"  # over Python csv's field limit
     lines = [g.encode() for g in GOOD]
     path = write(
-        tmp_path / "bad.csv", HEADER.encode() + b"\n".join([*lines[:2], wrong, right, *lines[2:]]) + b"\n"
+        tmp_path / "bad.csv",
+        HEADER.encode() + b"\n".join([*lines[:2], wrong, right, long, *lines[2:]]) + b"\n",
     )
     reader = read_all(path, quarantine_path=tmp_path / "q.csv")
-    assert (reader.report.rows_in, reader.report.rows_kept, reader.report.rows_quarantined) == (6, 4, 2)
+    assert (reader.report.rows_in, reader.report.rows_kept, reader.report.rows_quarantined) == (7, 4, 3)
     rows = {row["line"]: row for row in quarantine_rows(tmp_path / "q.csv")}
     assert rows["4"]["reason"] == "wrong number of fields" and "\\xff\\xfe" in rows["4"]["record"]
     assert rows["5"]["reason"] == "invalid UTF-8" and rows["5"]["column"] == "item_id"
