@@ -105,7 +105,7 @@ def server(
         float,
         typer.Option(
             "--norm-bound",
-            help="Each update's change is clipped to this norm; 0: 40 x learning rate per value.",
+            help="Each update's change is clipped to this norm; 0: 10 x learning rate per value.",
         ),
     ] = 0.0,
     local_epochs: Annotated[float, typer.Option("--local-epochs")] = 1.0,
