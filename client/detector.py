@@ -156,7 +156,7 @@ class BehaviourDetector:
             _labels_for(val_part, windows, labels),
             alert_rate,
             training=fit_normal,
-            score_head=self._head_helps(fit_part, fit_labels, fit_normal),
+            score_head=self.head_helps(fit_part, fit_labels, fit_normal) is not False,
         )
         self.provenance.update(
             {
@@ -268,13 +268,13 @@ class BehaviourDetector:
             float(average_precision_score(labels, without)),
         )
 
-    def _head_helps(self, fit_part: Windows, labels: np.ndarray | None, normal: Windows) -> bool:
-        """Whether a local fit's head ranks its training period's known attacks better summed than left
-        out (it does, unless at least MIN_KNOWN_TO_CHOOSE of them show otherwise). Trained under DP on a
-        few dozen attacks, it did not on any of 9 REES46 merchants, and their test AUPRC agreed
-        (BENCHMARKS.md, session 9); validation rarely holds enough known attacks to check it."""
+    def head_helps(self, fit_part: Windows, labels: np.ndarray | None, normal: Windows) -> bool | None:
+        """Whether the head ranks the training period's known attacks better summed than left out; None
+        when fewer than MIN_KNOWN_TO_CHOOSE of them can tell. Trained under DP on a few dozen attacks, it
+        did not on any of 9 REES46 merchants, and their test AUPRC agreed (BENCHMARKS.md, session 9);
+        validation rarely holds enough known attacks to check it."""
         if labels is None or labels.sum() < MIN_KNOWN_TO_CHOOSE or labels.all():
-            return True
+            return None
         self.reference = FeatureReference.fit(normal.features)  # calibrate fits the same one again
         check = self.head_auprc(self.surprise(fit_part), fit_part, labels)
         return check is None or check[0] >= check[1]

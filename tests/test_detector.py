@@ -18,7 +18,7 @@ from sklearn.ensemble import IsolationForest
 from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForCausalLM
 
-from fedanom.client.detector import BehaviourDetector
+from fedanom.client.detector import MIN_KNOWN_TO_CHOOSE, BehaviourDetector
 from fedanom.common.artifact import save_backbone
 from fedanom.common.errors import FedanomError
 from fedanom.common.features import FEATURE_NAMES
@@ -261,6 +261,13 @@ def test_supervised_head_trains_on_labels_and_stays_plain_peft_loadable(
     assert roc_auc_score(fitted.test_labels, scores) >= 0.9
     # the trained head on its own already ranks attacks above normal sessions
     assert roc_auc_score(fitted.test_labels, surprise.head) > 0.5
+    # the check of the head on training labels answers only when enough known attacks can tell
+    normal = fitted.dev.select(fitted.dev_labels == 0)
+    few = fitted.dev_labels.copy()
+    few[np.flatnonzero(few)[MIN_KNOWN_TO_CHOOSE - 1 :]] = 0
+    assert fitted.dev_labels.sum() >= MIN_KNOWN_TO_CHOOSE and few.sum() == MIN_KNOWN_TO_CHOOSE - 1
+    assert detector.head_helps(fitted.dev, few, normal) is None
+    assert detector.head_helps(fitted.dev, fitted.dev_labels, normal) in (True, False)
 
     detector.save(tmp_path / "det")
     again = BehaviourDetector.load(tmp_path / "det")
