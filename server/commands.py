@@ -24,7 +24,6 @@ from fedanom.common.flower import (
     check_transport,
     flower_environment,
     own_flower_processes,
-    run_to_end,
     split_address,
     stop_descendants,
     wait_for_port,
@@ -238,7 +237,7 @@ def server(
                 run_config(values),
                 "--stream",
             ]
-            finished = run_to_end(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            finished = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
         finally:
             stop_descendants()  # the SuperLink, and what it started
     rounds_log = run_dir / "rounds.jsonl"
