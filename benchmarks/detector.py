@@ -2,6 +2,7 @@
 
     python benchmarks/detector.py [--threads 2] [--device cpu|cuda] [--out bench-out]
     python benchmarks/detector.py --dp-only | --batch-sweep | --lora-sweep | --scoring-only [--device cuda]
+    python benchmarks/detector.py --secure-noise
 
 1. Scoring sessions/s on the real session-length mix of four shops in ../shared/data (or
    $FEDANOM_SHARED_DATA): a naive one-session-at-a-time loop vs length-bucketed batches; achieved FLOP/s
@@ -9,6 +10,7 @@
 2. DP-SGD step time / non-DP step time for the LoRA adapter at the same batch, and peak memory.
 3. GPT-2 vs Llama backbones of the same size: quality (seeded shop with injected bots, ε = 8) and speed.
 4. The session-score aggregation: validation AUPRC of each candidate.
+5. What Opacus's secure-mode noise would cost a DP step (`--secure-noise`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import opacus.optimizers.optimizer as opacus_optimizer
 import torch
 from peft import PeftModel
 from sklearn.ensemble import IsolationForest
@@ -147,6 +150,41 @@ def train_step_seconds(
     report = train_model(model, windows, settings, ledger=ledger, device=device)
     model.unload()  # takes the adapter out of the backbone again, in place
     return report.seconds / report.steps
+
+
+def secure_noise_cost(base: PreTrainedModel, windows: Windows, device: torch.device) -> dict[str, float]:
+    """Opacus's `secure_mode` needs torchcsprng, which has no build for this torch (deployment draws a
+    fresh OS-entropy seed per run instead). What secure mode would add to a DP step, in its two parts:
+    its noise arithmetic (four Gaussian draws per value instead of one, against floating-point attacks:
+    Opacus's own noise function called with `secure_mode=True`), and the random bytes those draws need
+    (8 per draw) read from the OS's CSPRNG, /dev/urandom."""
+    dp = train_step_seconds(base, windows, device, dp=True)
+    original = opacus_optimizer._generate_noise
+
+    def secure(
+        std: float, reference: torch.Tensor, generator: object = None, secure_mode: bool = False
+    ) -> torch.Tensor:
+        return original(std, reference, generator, secure_mode=True)
+
+    opacus_optimizer._generate_noise = secure
+    try:
+        arithmetic = train_step_seconds(base, windows, device, dp=True)
+    finally:
+        opacus_optimizer._generate_noise = original
+    model = attach_lora(base, LoraSettings())
+    values = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.unload()
+    started, reads = time.perf_counter(), 50
+    for _ in range(reads):
+        os.urandom(8 * 4 * values)
+    entropy = (time.perf_counter() - started) / reads
+    return {
+        "dp_step_s": dp,
+        "secure_arithmetic_step_s": arithmetic,
+        "urandom_bytes_s": entropy,
+        "noised_values": values,
+        "secure_over_dp": (arithmetic + entropy) / dp,
+    }
 
 
 def batch_sweep(windows: Windows, devices: list[torch.device]) -> list[dict[str, object]]:
@@ -285,6 +323,7 @@ def main() -> None:
         help="only scoring throughput (default backbone, untrained: speed does not depend on weights) "
         "against IsolationForest's, and the DP step cost",
     )
+    parser.add_argument("--secure-noise", action="store_true", help="only what secure-mode noise costs")
     parser.add_argument("--dp-child", nargs=2, metavar=("ARCH", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -327,6 +366,13 @@ def main() -> None:
         (args.out / f"detector-lora-{device.type}.json").write_text(
             json.dumps(results, indent=2, default=float)
         )
+        return
+    if args.secure_noise:
+        results["secure_noise"] = secure_noise_cost(
+            build_backbone(BackboneConfig(), device=device), sample, device
+        )
+        print(json.dumps(results, indent=1), flush=True)
+        (args.out / f"detector-secure-{device.type}.json").write_text(json.dumps(results, indent=2))
         return
     if args.batch_sweep:  # the CPU row is the same-run baseline for the device's
         results["batch_sweep"] = batch_sweep(sample, list(dict.fromkeys([torch.device("cpu"), device])))
