@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,5 +106,10 @@ def test_the_command_line_answers_without_loading_the_model_stack(tmp_path: Path
 def test_no_bare_top_level_packages_are_installed(tmp_path: Path) -> None:
     names = "('common', 'client', 'server', 'simulations')"
     probe = f"import importlib.util as u; print([n for n in {names} if u.find_spec(n)])"
-    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    # what the installation provides, not what a simulation earlier in this process exported: Flower's Ray
+    # backend sets PYTHONPATH to the driver's sys.path, the repository root among it
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=clean
+    )
     assert result.stdout.strip() == "[]"
