@@ -270,10 +270,11 @@ class BehaviourDetector:
 
     def head_helps(self, fit_part: Windows, labels: np.ndarray | None, normal: Windows) -> bool | None:
         """Whether the head ranks the training period's known attacks better summed than left out; None
-        when fewer than MIN_KNOWN_TO_CHOOSE of them can tell. Trained under DP on a few dozen attacks, it
-        did not on any of 9 REES46 merchants, and their test AUPRC agreed (BENCHMARKS.md, session 9);
-        validation rarely holds enough known attacks to check it."""
-        if labels is None or labels.sum() < MIN_KNOWN_TO_CHOOSE or labels.all():
+        without a head or when fewer than MIN_KNOWN_TO_CHOOSE of them can tell. Trained under DP on a few
+        dozen attacks, it did not on any of 9 REES46 merchants, and their test AUPRC agreed (BENCHMARKS.md,
+        session 9); validation rarely holds enough known attacks to check it."""
+        no_head = not self.lora.supervised_head  # nothing to check: spare the pass over the training period
+        if no_head or labels is None or labels.sum() < MIN_KNOWN_TO_CHOOSE or labels.all():
             return None
         self.reference = FeatureReference.fit(normal.features)  # calibrate fits the same one again
         check = self.head_auprc(self.surprise(fit_part), fit_part, labels)

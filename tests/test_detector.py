@@ -268,6 +268,7 @@ def test_supervised_head_trains_on_labels_and_stays_plain_peft_loadable(
     assert fitted.dev_labels.sum() >= MIN_KNOWN_TO_CHOOSE and few.sum() == MIN_KNOWN_TO_CHOOSE - 1
     assert detector.head_helps(fitted.dev, few, normal) is None
     assert detector.head_helps(fitted.dev, fitted.dev_labels, normal) in (True, False)
+    assert fitted.detector.head_helps(fitted.dev, fitted.dev_labels, normal) is None  # it has no head
 
     detector.save(tmp_path / "det")
     again = BehaviourDetector.load(tmp_path / "det")
