@@ -34,12 +34,12 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import PreTrainedModel
 
-from fedanom.client.training import GRAD_SAMPLE_MODES, train_model
+from fedanom.common.detector.model import attach_lora, build_backbone, next_token_nll, pad_batch
+from fedanom.common.detector.privacy import PrivacyLedger
+from fedanom.common.detector.scoring import AGGREGATIONS, aggregate, event_surprise
+from fedanom.common.detector.training import GRAD_SAMPLE_MODES, train_model
 from fedanom.common.ingest import ingest
-from fedanom.common.model import attach_lora, build_backbone, next_token_nll, pad_batch
 from fedanom.common.presets import resolve_preset
-from fedanom.common.privacy import PrivacyLedger
-from fedanom.common.scoring import AGGREGATIONS, aggregate, event_surprise
 from fedanom.common.settings import BackboneConfig, LoraSettings, TrainSettings
 from fedanom.common.windows import Windows
 from fedanom.simulations.attacks import ATTACKS, inject

@@ -39,9 +39,9 @@ from detector import ADAPTERS  # the adapter choices, whose quality detector.py 
 from flwr.simulation import run_simulation
 
 from fedanom.client.app import app as client_app
-from fedanom.common.artifact import save_backbone
+from fedanom.common.detector.artifact import save_backbone
+from fedanom.common.detector.model import attach_lora, build_backbone, trainable_state
 from fedanom.common.flower import free_port
-from fedanom.common.model import attach_lora, build_backbone, trainable_state
 from fedanom.common.records import to_record
 from fedanom.common.settings import BackboneConfig
 from fedanom.server.app import build_app

@@ -24,9 +24,9 @@ from pyod.models.ecod import ECOD
 from pyod.models.iforest import IForest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from fedanom.client.detector import BehaviourDetector
-from fedanom.common.privacy import PrivacyLedger
-from fedanom.common.scoring import aggregate
+from fedanom.common.detector.detector import BehaviourDetector
+from fedanom.common.detector.privacy import PrivacyLedger
+from fedanom.common.detector.scoring import aggregate
 from fedanom.common.settings import BackboneConfig, LoraSettings, TrainSettings
 from fedanom.common.windows import Windows
 from fedanom.simulations.commands import _pretrain

@@ -33,15 +33,15 @@ from flwr.common.logger import log
 from peft import PeftModel
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from fedanom.client.detector import DEFAULT_AGGREGATION, BehaviourDetector
-from fedanom.client.training import train_model
-from fedanom.common.artifact import backbone_hash, install_backbone, load_backbone
+from fedanom.common.detector.artifact import backbone_hash, install_backbone, load_backbone
+from fedanom.common.detector.detector import DEFAULT_AGGREGATION, BehaviourDetector
+from fedanom.common.detector.model import HEAD, attach_lora, trainable_state
+from fedanom.common.detector.privacy import BudgetExhausted, PrivacyLedger
+from fedanom.common.detector.training import train_model
 from fedanom.common.errors import FedanomError
 from fedanom.common.ingest import ingest
 from fedanom.common.labels import read_labels
-from fedanom.common.model import HEAD, attach_lora, trainable_state
 from fedanom.common.presets import resolve_preset
-from fedanom.common.privacy import BudgetExhausted, PrivacyLedger
 from fedanom.common.records import (
     BACKBONE_REFUSED,
     BUDGET_EXHAUSTED,

@@ -84,8 +84,10 @@ def train(
     ingested = source.read(default_quarantine=out.with_name(out.name + ".quarantine.csv"), config=session)
     windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
     known = read_labels(labels, windows) if labels else None
-    from fedanom.client.detector import BehaviourDetector  # the model stack, once the inputs are good
-    from fedanom.common.privacy import PrivacyLedger
+    from fedanom.common.detector.detector import (
+        BehaviourDetector,  # the model stack, once the inputs are good
+    )
+    from fedanom.common.detector.privacy import PrivacyLedger
 
     detector = BehaviourDetector.from_backbone(
         base,
@@ -146,8 +148,8 @@ def score(
     device: DeviceOption = None,
 ) -> None:
     """Score every session of a file: id, user, score, rank, flag (and why, with --explain)."""
-    from fedanom.client.detector import BehaviourDetector
-    from fedanom.common.scoring import explain
+    from fedanom.common.detector.detector import BehaviourDetector
+    from fedanom.common.detector.scoring import explain
 
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise FedanomError(f"--out {out} must end in .csv or .parquet")
@@ -257,8 +259,8 @@ def client(
             "a federation client reads its data with --preset only; convert the file or use a preset"
         )
     ingested = source.read(default_quarantine=state_dir / "quarantine.csv")  # fails early, in one sentence
-    from fedanom.common.artifact import backbone_hash  # the model stack, once the data is good
-    from fedanom.common.privacy import PrivacyLedger
+    from fedanom.common.detector.artifact import backbone_hash  # the model stack, once the data is good
+    from fedanom.common.detector.privacy import PrivacyLedger
 
     if base is not None:
         backbone_hash(base)

@@ -7,10 +7,10 @@ numbers and strings, and a wrong type in a run or node config is a user's mistak
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 
 from fedanom.common.errors import FedanomError
 from fedanom.common.settings import RUN_DEFAULTS, LoraSettings
@@ -75,8 +75,9 @@ def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
 
-def to_record(arrays: Mapping[str, np.ndarray | torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord({name: torch.as_tensor(value) for name, value in arrays.items()})
+def to_record(arrays: Mapping[str, Any]) -> ArrayRecord:
+    """Numpy arrays or CPU tensors (whatever `np.asarray` reads) as an ArrayRecord, without torch."""
+    return ArrayRecord({name: Array.from_numpy_ndarray(np.asarray(value)) for name, value in arrays.items()})
 
 
 def lora_settings(config: Mapping[str, object]) -> LoraSettings:

@@ -1,7 +1,8 @@
 """fedanom: federated anomaly detection for e-commerce behaviour.
 
-The sub-packages live in top-level folders of the repository (common/, client/, server/, simulations/, cli/)
-and are mapped onto this namespace by pyproject.toml.
+The sub-packages live in top-level folders of the repository (common/, common/detector/, client/,
+server/, simulations/) and are mapped onto this namespace by pyproject.toml; the command line is in
+fedanom/ itself.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -27,9 +27,9 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedanom.common.artifact import backbone_hash, load_backbone
+from fedanom.common.detector.artifact import backbone_hash, load_backbone
+from fedanom.common.detector.model import attach_lora, trainable_state
 from fedanom.common.errors import FedanomError
-from fedanom.common.model import attach_lora, trainable_state
 from fedanom.common.records import (
     EVALUATE_METRICS,
     RUN_DEFAULTS,

@@ -143,7 +143,7 @@ def server(
     ] = None,
 ) -> None:
     """Run a federation: a Flower SuperLink, rounds of merchants' DP adapters, a global detector."""
-    from fedanom.common.artifact import backbone_hash
+    from fedanom.common.detector.artifact import backbone_hash
 
     backbone_hash(base)  # a clear error now rather than in every merchant later
     if aggregation not in AGGREGATORS:
@@ -304,7 +304,7 @@ def pretrain(
         )
         parts.append(Windows.from_batches(extra.batches(), extra.popularity, extra.report).keyed(f"file-{k}"))
     names = [source.data.name, *(path.name for path, _ in more)]
-    from fedanom.common.artifact import save_backbone  # the model stack, once the data is good
+    from fedanom.common.detector.artifact import save_backbone  # the model stack, once the data is good
     from fedanom.server.pretrain import pretrain_backbone
 
     err.print(

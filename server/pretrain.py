@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedModel
 
-from fedanom.client.training import train_model
-from fedanom.common.artifact import load_backbone
-from fedanom.common.model import build_backbone, pick_device
-from fedanom.common.scoring import event_surprise
+from fedanom.common.detector.artifact import load_backbone
+from fedanom.common.detector.model import build_backbone, pick_device
+from fedanom.common.detector.scoring import event_surprise
+from fedanom.common.detector.training import train_model
 from fedanom.common.settings import BackboneConfig, TrainSettings
 from fedanom.common.windows import Windows
 

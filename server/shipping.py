@@ -15,7 +15,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedanom.common.artifact import backbone_files, backbone_hash
+from fedanom.common.detector.artifact import backbone_files, backbone_hash
 from fedanom.server.replies import BadReply, backbone_answer, failure
 
 

@@ -186,7 +186,7 @@ PUBLIC_SHOP = ShopConfig(
 
 
 def _pretrain(work: Path, config: BackboneConfig, seed: int) -> Path:
-    from fedanom.common.artifact import save_backbone
+    from fedanom.common.detector.artifact import save_backbone
     from fedanom.server.pretrain import pretrain_backbone
 
     public = generate_shop(PUBLIC_SHOP, seed=seed + 10_000)

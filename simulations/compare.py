@@ -32,10 +32,10 @@ from flwr.clientapp.typing import Mod
 from flwr.simulation import run_simulation
 
 from fedanom.client.app import Merchant, make_client_app
-from fedanom.client.detector import BehaviourDetector
+from fedanom.common.detector.detector import BehaviourDetector
+from fedanom.common.detector.privacy import PrivacyLedger
 from fedanom.common.ingest import ingest
 from fedanom.common.presets import resolve_preset
-from fedanom.common.privacy import PrivacyLedger
 from fedanom.common.settings import RUN_DEFAULTS, LoraSettings, TrainSettings
 from fedanom.common.tokens import Popularity
 from fedanom.common.windows import Windows

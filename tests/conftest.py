@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedanom.common.artifact import save_backbone
+from fedanom.common.detector.artifact import save_backbone
 from fedanom.common.ingest import ingest
 from fedanom.common.presets import resolve_preset
 from fedanom.common.settings import BackboneConfig, TrainSettings

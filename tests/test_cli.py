@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedanom.common.model import ARCHITECTURES
+from fedanom.common.detector.model import ARCHITECTURES
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
 
 

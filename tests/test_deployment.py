@@ -29,12 +29,12 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from sklearn.metrics import roc_auc_score
 
 from fedanom import cli as fedanom_cli
-from fedanom.client.detector import BehaviourDetector
-from fedanom.common.artifact import backbone_hash, save_backbone
+from fedanom.common.detector.artifact import backbone_hash, save_backbone
+from fedanom.common.detector.detector import BehaviourDetector
+from fedanom.common.detector.model import build_backbone
 from fedanom.common.flower import flower_environment, free_port
 from fedanom.common.ingest import ingest
 from fedanom.common.labels import read_labels
-from fedanom.common.model import build_backbone
 from fedanom.common.presets import resolve_preset
 from fedanom.common.settings import BackboneConfig
 from fedanom.common.windows import Windows

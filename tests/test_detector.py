@@ -18,14 +18,14 @@ from sklearn.ensemble import IsolationForest
 from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForCausalLM
 
-from fedanom.client.detector import MIN_KNOWN_TO_CHOOSE, BehaviourDetector
-from fedanom.common.artifact import save_backbone
+from fedanom.common.detector.artifact import save_backbone
+from fedanom.common.detector.detector import MIN_KNOWN_TO_CHOOSE, BehaviourDetector
+from fedanom.common.detector.model import build_backbone, next_token_nll, pad_batch
+from fedanom.common.detector.privacy import PrivacyLedger
 from fedanom.common.errors import FedanomError
 from fedanom.common.features import FEATURE_NAMES
 from fedanom.common.ingest import ingest
-from fedanom.common.model import build_backbone, next_token_nll, pad_batch
 from fedanom.common.presets import resolve_preset
-from fedanom.common.privacy import PrivacyLedger
 from fedanom.common.settings import BackboneConfig, LoraSettings, TrainSettings
 from fedanom.common.tokens import CONTEXT, CONTEXT_OFFSETS, CONTEXT_WIDTHS, Popularity
 from fedanom.common.windows import Windows

@@ -27,10 +27,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from fedanom.client import app as merchant_app
-from fedanom.client.detector import BehaviourDetector
+from fedanom.common.detector.detector import BehaviourDetector
+from fedanom.common.detector.model import HEAD
 from fedanom.common.errors import FedanomError
 from fedanom.common.ingest import ingest
-from fedanom.common.model import HEAD
 from fedanom.common.presets import resolve_preset
 from fedanom.common.records import (
     FAILURES,

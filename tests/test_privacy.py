@@ -13,10 +13,10 @@ import torch
 from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader
 
-from fedanom.client.training import Example, collate, make_private, sequence_loss, train_model
+from fedanom.common.detector.model import attach_lora, build_backbone, pad_batch, trainable_state
+from fedanom.common.detector.privacy import LEDGER_FILE, BudgetExhausted, PrivacyLedger
+from fedanom.common.detector.training import Example, collate, make_private, sequence_loss, train_model
 from fedanom.common.errors import FedanomError
-from fedanom.common.model import attach_lora, build_backbone, pad_batch, trainable_state
-from fedanom.common.privacy import LEDGER_FILE, BudgetExhausted, PrivacyLedger
 from fedanom.common.settings import ARCHITECTURE_NAMES, BackboneConfig, LoraSettings, TrainSettings
 from fedanom.common.tokens import BOS, CONTEXT, CONTEXT_OFFSETS, CONTEXT_WIDTHS, EOS
 from fedanom.common.windows import Windows

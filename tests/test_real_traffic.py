@@ -26,10 +26,10 @@ import pytest
 from pyod.models.iforest import IForest
 from sklearn.metrics import roc_auc_score
 
-from fedanom.client.detector import BehaviourDetector
+from fedanom.common.detector.detector import BehaviourDetector
+from fedanom.common.detector.privacy import PrivacyLedger
 from fedanom.common.ingest import ingest
 from fedanom.common.presets import resolve_preset
-from fedanom.common.privacy import PrivacyLedger
 from fedanom.common.settings import TrainSettings
 from fedanom.common.windows import Windows
 from fedanom.simulations.attacks import ATTACKS, inject

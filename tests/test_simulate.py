@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from fedanom.client.detector import BehaviourDetector
+from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.ingest import ingest
 from fedanom.common.presets import resolve_preset
 from fedanom.common.windows import Windows

@@ -27,8 +27,7 @@ import torch
 from peft import PeftModel
 from sklearn.metrics import average_precision_score
 
-from fedanom.client.training import TrainReport, train_model
-from fedanom.common.artifact import (
+from fedanom.common.detector.artifact import (
     Calibration,
     DetectorSpec,
     backbone_hash,
@@ -38,11 +37,12 @@ from fedanom.common.artifact import (
     resolve_backbone_path,
     save_detector,
 )
+from fedanom.common.detector.model import architecture_of, attach_lora, pick_device
+from fedanom.common.detector.privacy import PrivacyLedger
+from fedanom.common.detector.scoring import AGGREGATIONS, Surprise, aggregate, event_surprise, explain
+from fedanom.common.detector.training import TrainReport, train_model
 from fedanom.common.errors import FedanomError
 from fedanom.common.features import FeatureReference
-from fedanom.common.model import architecture_of, attach_lora, pick_device
-from fedanom.common.privacy import PrivacyLedger
-from fedanom.common.scoring import AGGREGATIONS, Surprise, aggregate, event_surprise, explain
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.settings import LoraSettings, TrainSettings
 from fedanom.common.tokens import Popularity

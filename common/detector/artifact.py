@@ -29,9 +29,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from fedanom.common.detector.model import add_anomaly_head
 from fedanom.common.errors import FedanomError
 from fedanom.common.features import FeatureReference
-from fedanom.common.model import add_anomaly_head
 from fedanom.common.tokens import VOCAB_SIZE, VOCAB_VERSION, Popularity
 
 DETECTOR_FORMAT = "fedanom-detector/3"

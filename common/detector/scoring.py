@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedanom.common.detector.model import forward, pad_batch
 from fedanom.common.features import FeatureReference
-from fedanom.common.model import forward, pad_batch
 from fedanom.common.tokens import CONTEXT, decode, describe_context
 from fedanom.common.windows import Windows
 

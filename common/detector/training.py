@@ -21,9 +21,9 @@ from opacus import PrivacyEngine
 from opacus.grad_sample import GradSampleModule
 from torch.utils.data import DataLoader, Dataset
 
+from fedanom.common.detector.model import forward, pad_batch
+from fedanom.common.detector.privacy import PrivacyLedger
 from fedanom.common.errors import FedanomError
-from fedanom.common.model import forward, pad_batch
-from fedanom.common.privacy import PrivacyLedger
 from fedanom.common.settings import TrainSettings
 from fedanom.common.windows import Windows
 

@@ -1,0 +1,19 @@
+"""The detector in one place: the model, its DP training, the privacy ledger, scoring, the artifact and
+`BehaviourDetector`, the PyOD-shaped face the commands, the Flower apps and the simulation share.
+
+This is the torch stack, kept apart from the torch-free data pipeline in `fedanom.common`, so a process
+that only reads data or answers a query never imports torch. `BehaviourDetector` is importable from here
+and is loaded on first use (PEP 562), so importing one module of the package does not load the others.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BehaviourDetector":
+        from fedanom.common.detector.detector import BehaviourDetector
+
+        return BehaviourDetector
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
