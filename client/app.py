@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,13 +60,12 @@ from fedanom.common.records import (
     to_record,
 )
 from fedanom.common.sessions import SessionConfig
-from fedanom.common.settings import TrainSettings
+from fedanom.common.settings import ALERT_RATE, TrainSettings
 from fedanom.common.tokens import Popularity
 from fedanom.common.windows import Windows
 
 # The only metrics a merchant reports (a test checks every outgoing message against this list).
 METRIC_KEYS = (*TRAIN_METRICS, *EVALUATE_METRICS)
-ALERT_RATE = 0.01  # the received global detector's calibration; `fedanom score --alert-rate` changes it
 
 
 @dataclass(frozen=True)
@@ -208,9 +206,7 @@ def train(msg: Message, context: Context) -> Message:
         seed=this_round if merchant.simulated else None,
         dp=flag(config, "dp"),
     )
-    steps = math.ceil(
-        settings.epochs * train_windows.n_windows / min(settings.batch_size, train_windows.n_windows)
-    )
+    steps = settings.steps_for(train_windows.n_windows)
     rounds_left = int(number(config, "num-server-rounds")) - this_round + 1
     ledger = None  # without DP (simulate's research comparison only) nothing is spent
     if settings.dp:

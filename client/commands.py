@@ -24,13 +24,16 @@ from fedanom.common.flower import (
     split_address,
 )
 from fedanom.common.labels import load_label_table, read_labels
-from fedanom.common.settings import LoraSettings, TrainSettings
+from fedanom.common.sessions import SessionConfig
+from fedanom.common.settings import ALERT_RATE, EPSILON, LoraSettings, TrainSettings
 from fedanom.common.windows import Windows
 from fedanom.options import (
     DataSource,
     DeviceOption,
     EpsilonOption,
+    SessionGapOption,
     StateDirOption,
+    WindowOption,
     data_options,
     err,
     progress_bar,
@@ -43,7 +46,7 @@ def train(
     source: DataSource,
     base: Annotated[Path, typer.Option("--base", help="Backbone directory (from `fedanom pretrain`).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Detector directory to write.")],
-    epsilon: EpsilonOption = 8.0,
+    epsilon: EpsilonOption = EPSILON,
     delta: Annotated[
         float | None, typer.Option("--delta", help="δ (default 1/training sessions; fixed at first use).")
     ] = None,
@@ -53,14 +56,14 @@ def train(
         typer.Option("--labels", help="CSV of known sessions: session_id (or user_id), label (1=attack)."),
     ] = None,
     state_dir: StateDirOption = Path(".fedanom-state"),
-    epochs: Annotated[float, typer.Option("--epochs")] = 3.0,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    epochs: Annotated[float, typer.Option("--epochs")] = TrainSettings.epochs,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = TrainSettings.batch_size,
     learning_rate: Annotated[float, typer.Option("--learning-rate")] = TrainSettings.learning_rate,
     max_grad_norm: Annotated[
         float, typer.Option("--max-grad-norm", help="Per-session clipping bound.")
-    ] = 1.0,
-    rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 8,
-    alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = 16,
+    ] = TrainSettings.max_grad_norm,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = LoraSettings.rank,
+    alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = LoraSettings.alpha,
     full_lora: Annotated[
         bool, typer.Option("--full-lora", help="Train LoRA A too (default: FFA-LoRA).")
     ] = False,
@@ -72,11 +75,9 @@ def train(
     ] = None,
     alert_rate: Annotated[
         float, typer.Option("--alert-rate", help="Share of normal sessions to flag.")
-    ] = 0.01,
-    session_gap: Annotated[
-        float, typer.Option("--session-gap", help="Minutes of inactivity ending a session.")
-    ] = 30.0,
-    window: Annotated[int, typer.Option("--window", help="Most events in one scored window.")] = 128,
+    ] = ALERT_RATE,
+    session_gap: SessionGapOption = SessionConfig.gap_minutes,
+    window: WindowOption = SessionConfig.window,
     device: DeviceOption = None,
 ) -> None:
     """Fit a detector on this merchant's own events, with DP: adapter + calibration, saved to --out."""
@@ -226,7 +227,7 @@ def client(
         ),
     ] = None,
     state_dir: StateDirOption = Path(".fedanom-state"),
-    epsilon: EpsilonOption = 8.0,
+    epsilon: EpsilonOption = EPSILON,
     port: Annotated[
         int, typer.Option("--port", help="Local port of the SuperNode's own runtime API.")
     ] = 9094,

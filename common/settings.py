@@ -7,9 +7,12 @@ that builds and trains models (`common.model`, `client.training`) reads them fro
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
-ARCHITECTURE_NAMES = ("gpt2", "llama")  # common.model.ARCHITECTURES builds each (a test keeps them equal)
+ARCHITECTURE_NAMES = ("gpt2", "llama")  # detector.model.ARCHITECTURES builds each (a test keeps them equal)
+EPSILON = 8.0  # a merchant's total privacy budget unless it names its own
+ALERT_RATE = 0.01  # the share of normal sessions a detector flags unless the merchant asks for another
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """One local training run (`client.training.train_model`)."""
+    """One local training run (`detector.training.train_model`)."""
 
     epochs: float = 3.0
     batch_size: int = 64  # expected batch size (Poisson sampling under DP)
@@ -54,9 +57,15 @@ class TrainSettings:
     # the noise and subtract it (every deployed run); a number makes a research run reproducible
     seed: int | None = None
 
+    def steps_for(self, sessions: int) -> int:
+        """Optimizer steps over `sessions` training windows: training takes them and the privacy ledger
+        plans its noise for them, so both ask here."""
+        return max(1, math.ceil(self.epochs * sessions / min(self.batch_size, sessions)))
 
-# The federation's run config with its defaults. pyproject.toml's [tool.flwr.app.config] repeats them
-# for `flwr run` (a test keeps the two equal); `fedanom server` / `simulate` override them.
+
+# The federation's run config with its defaults, the dataclasses' where they share a setting.
+# pyproject.toml's [tool.flwr.app.config] repeats them for `flwr run` (a test keeps the two equal), and the
+# `fedanom server` options show them; `fedanom server` / `simulate` override them.
 RUN_DEFAULTS: dict[str, bool | float | int | str] = {
     "num-server-rounds": 3,
     "fraction-train": 1.0,
@@ -68,19 +77,19 @@ RUN_DEFAULTS: dict[str, bool | float | int | str] = {
     "resume": False,
     "run-dir": "runs/default",
     "base": "base",
-    "epsilon": 8.0,
+    "epsilon": EPSILON,
     "sim-data": "",
     "sim-preset": "",
     "sim-state-root": "runs/sim-state",
     "sim-labels": "",
     "local-epochs": 1.0,
-    "batch-size": 64,
-    "learning-rate": 0.01,
-    "max-grad-norm": 1.0,
-    "lora-rank": 8,
-    "lora-alpha": 16,
-    "lora-seed": 0,
+    "batch-size": TrainSettings.batch_size,
+    "learning-rate": TrainSettings.learning_rate,
+    "max-grad-norm": TrainSettings.max_grad_norm,
+    "lora-rank": LoraSettings.rank,
+    "lora-alpha": LoraSettings.alpha,
+    "lora-seed": LoraSettings.seed,
     "lora-targets": "",
-    "supervised-head": False,
-    "dp": True,
+    "supervised-head": LoraSettings.supervised_head,
+    "dp": TrainSettings.dp,
 }

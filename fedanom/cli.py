@@ -21,8 +21,9 @@ from fedanom.client.commands import client, score, train
 from fedanom.common.check import DataSummary, summarize
 from fedanom.common.errors import FedanomError
 from fedanom.common.presets import PRESETS
+from fedanom.common.sessions import SessionConfig
 from fedanom.common.tokens import VOCAB_VERSION
-from fedanom.options import DataSource, data_options, err, session_config
+from fedanom.options import DataSource, SessionGapOption, WindowOption, data_options, err, session_config
 from fedanom.server.commands import pretrain, server
 from fedanom.simulations.commands import simulate
 
@@ -47,10 +48,8 @@ app.command("simulate")(simulate)
 @data_options(file_argument=True)
 def data_check(
     source: DataSource,
-    session_gap: Annotated[
-        float, typer.Option("--session-gap", help="Minutes of inactivity ending a session.")
-    ] = 30.0,
-    window: Annotated[int, typer.Option("--window", help="Most events in one scored window.")] = 128,
+    session_gap: SessionGapOption = SessionConfig.gap_minutes,
+    window: WindowOption = SessionConfig.window,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Is my export readable, what is in it, and which rows are bad and why."""

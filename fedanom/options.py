@@ -105,6 +105,10 @@ _SOURCE_FIELDS = [f.name for f in fields(DataSource)]
 # Options several commands share, declared once so their flags and help cannot drift apart.
 DeviceOption = Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda if present).")]
 EpsilonOption = Annotated[float, typer.Option("--epsilon", help="This merchant's total privacy budget ε.")]
+SessionGapOption = Annotated[
+    float, typer.Option("--session-gap", help="Minutes of inactivity ending a session.")
+]
+WindowOption = Annotated[int, typer.Option("--window", help="Most events in one scored window.")]
 StateDirOption = Annotated[
     Path,
     typer.Option(

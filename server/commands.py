@@ -31,7 +31,13 @@ from fedanom.common.flower import (
 from fedanom.common.ingest import ingest
 from fedanom.common.presets import resolve_preset
 from fedanom.common.sessions import SessionConfig
-from fedanom.common.settings import ARCHITECTURE_NAMES, RUN_DEFAULTS, BackboneConfig, TrainSettings
+from fedanom.common.settings import (
+    ARCHITECTURE_NAMES,
+    RUN_DEFAULTS,
+    BackboneConfig,
+    LoraSettings,
+    TrainSettings,
+)
 from fedanom.common.windows import Windows
 from fedanom.options import DataSource, DeviceOption, data_options, err, file_and_preset
 from fedanom.server.aggregation import AGGREGATORS
@@ -88,31 +94,35 @@ def server(
     base: Annotated[
         Path, typer.Option("--base", help="Backbone directory (sent, hash-checked, to merchants lacking it).")
     ],
-    rounds: Annotated[int, typer.Option("--rounds")] = 3,
-    min_clients: Annotated[int, typer.Option("--min-clients", help="Merchants needed to start a round.")] = 2,
+    rounds: Annotated[int, typer.Option("--rounds")] = int(RUN_DEFAULTS["num-server-rounds"]),
+    min_clients: Annotated[
+        int, typer.Option("--min-clients", help="Merchants needed to start a round.")
+    ] = int(RUN_DEFAULTS["min-nodes"]),
     expect_clients: Annotated[
         int, typer.Option("--expect-clients", help="Merchants to wait for before round 1 (0: --min-clients).")
-    ] = 0,
+    ] = int(RUN_DEFAULTS["expect-nodes"]),
     fraction: Annotated[
         float, typer.Option("--fraction", help="Share of merchants sampled each round.")
-    ] = 1.0,
+    ] = float(RUN_DEFAULTS["fraction-train"]),
     round_timeout: Annotated[
         float, typer.Option("--round-timeout", help="Seconds to wait for replies.")
-    ] = 600.0,
-    aggregation: Annotated[str, typer.Option("--aggregation", help=", ".join(AGGREGATORS))] = "fedavg",
+    ] = float(RUN_DEFAULTS["round-timeout"]),
+    aggregation: Annotated[str, typer.Option("--aggregation", help=", ".join(AGGREGATORS))] = str(
+        RUN_DEFAULTS["aggregation"]
+    ),
     norm_bound: Annotated[
         float,
         typer.Option(
             "--norm-bound",
             help="Each update's change is clipped to this norm; 0: 10 x learning rate per value.",
         ),
-    ] = 0.0,
-    local_epochs: Annotated[float, typer.Option("--local-epochs")] = 1.0,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
-    learning_rate: Annotated[float, typer.Option("--learning-rate")] = float(RUN_DEFAULTS["learning-rate"]),
-    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm")] = 1.0,
-    rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 8,
-    alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = 16,
+    ] = float(RUN_DEFAULTS["norm-bound"]),
+    local_epochs: Annotated[float, typer.Option("--local-epochs")] = float(RUN_DEFAULTS["local-epochs"]),
+    batch_size: Annotated[int, typer.Option("--batch-size")] = TrainSettings.batch_size,
+    learning_rate: Annotated[float, typer.Option("--learning-rate")] = TrainSettings.learning_rate,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm")] = TrainSettings.max_grad_norm,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = LoraSettings.rank,
+    alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = LoraSettings.alpha,
     lora_targets: Annotated[
         str, typer.Option("--lora-targets", help="Comma-separated linear layers to adapt (default: all).")
     ] = "",

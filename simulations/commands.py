@@ -20,7 +20,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from fedanom.common.errors import FedanomError
 from fedanom.common.ingest import ingest
 from fedanom.common.presets import resolve_preset
-from fedanom.common.settings import BackboneConfig, TrainSettings
+from fedanom.common.settings import EPSILON, RUN_DEFAULTS, BackboneConfig, TrainSettings
 from fedanom.common.windows import Windows
 from fedanom.options import err, file_and_preset
 from fedanom.simulations.calibration import behaviour_stats
@@ -40,8 +40,8 @@ DEFAULT = BackboneConfig()
 def simulate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Report directory.")] = Path("simulation-out"),
     merchants: Annotated[int, typer.Option("--merchants", help="Synthetic or partitioned merchants.")] = 3,
-    rounds: Annotated[int, typer.Option("--rounds")] = 3,
-    epsilon: Annotated[float, typer.Option("--epsilon", help="Each merchant's privacy budget.")] = 8.0,
+    rounds: Annotated[int, typer.Option("--rounds")] = int(RUN_DEFAULTS["num-server-rounds"]),
+    epsilon: Annotated[float, typer.Option("--epsilon", help="Each merchant's privacy budget.")] = EPSILON,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     scale: Annotated[
         float, typer.Option("--scale", help="Synthetic merchants' size (1: 24k events at most).")

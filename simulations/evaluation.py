@@ -15,6 +15,8 @@ from pyod.models.ecod import ECOD
 from pyod.models.iforest import IForest
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
+from fedanom.common.settings import ALERT_RATE
+
 
 def validation_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     """The score threshold with the best F1 on validation; with no attacks there, the 99th percentile."""
@@ -25,7 +27,7 @@ def validation_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(thresholds[int(np.argmax(f1[:-1]))])
 
 
-def alert_threshold(labels: np.ndarray, scores: np.ndarray, alert_rate: float = 0.01) -> float:
+def alert_threshold(labels: np.ndarray, scores: np.ndarray, alert_rate: float = ALERT_RATE) -> float:
     """The score above which `alert_rate` of the normal validation sessions lie: a merchant's alert level."""
     return float(np.quantile(scores[~labels.astype(bool)], 1.0 - alert_rate))
 

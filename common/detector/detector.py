@@ -44,7 +44,7 @@ from fedanom.common.detector.training import TrainReport, train_model
 from fedanom.common.errors import FedanomError
 from fedanom.common.features import FeatureReference
 from fedanom.common.sessions import SessionConfig
-from fedanom.common.settings import LoraSettings, TrainSettings
+from fedanom.common.settings import ALERT_RATE, EPSILON, LoraSettings, TrainSettings
 from fedanom.common.tokens import Popularity
 from fedanom.common.windows import VALIDATION_FRACTION, Windows
 
@@ -124,7 +124,7 @@ class BehaviourDetector:
         *,
         train: TrainSettings | None = None,
         ledger: PrivacyLedger | None = None,
-        alert_rate: float = 0.01,
+        alert_rate: float = ALERT_RATE,
         validation_fraction: float = VALIDATION_FRACTION,
     ) -> TrainReport:
         """Train on the earlier sessions, choose the aggregation and calibrate on the later ones.
@@ -145,7 +145,7 @@ class BehaviourDetector:
                 "sessions of their own"
             )
         if train.dp and ledger is None:
-            ledger = PrivacyLedger.open(None, epsilon_budget=8.0, delta=1.0 / fit_part.n_windows)
+            ledger = PrivacyLedger.open(None, epsilon_budget=EPSILON, delta=1.0 / fit_part.n_windows)
         fit_labels = _labels_for(fit_part, windows, labels)
         report = train_model(
             self.model, fit_part, train, labels=fit_labels, ledger=ledger, device=self.device
@@ -177,7 +177,7 @@ class BehaviourDetector:
         self,
         validation: Windows,
         labels: np.ndarray | None,
-        alert_rate: float = 0.01,
+        alert_rate: float = ALERT_RATE,
         *,
         training: Windows,
         score_head: bool = True,

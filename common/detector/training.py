@@ -9,7 +9,6 @@ steps actually taken.
 
 from __future__ import annotations
 
-import math
 import secrets
 import time
 from collections.abc import Iterator
@@ -133,7 +132,7 @@ def train_model(
     started = time.perf_counter()
     n = windows.n_windows
     batch_size = min(settings.batch_size, n)
-    steps = max(1, math.ceil(settings.epochs * n / batch_size))
+    steps = settings.steps_for(n)
     loader: DataLoader[Example] = DataLoader(
         _Framed(windows, labels), batch_size=batch_size, shuffle=True, collate_fn=collate
     )
