@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import typer
 
+from fedanom.common.backbone import backbone_hash
 from fedanom.common.errors import FedanomError
 from fedanom.common.flower import (
     check_transport,
@@ -260,7 +261,6 @@ def client(
             "a federation client reads its data with --preset only; convert the file or use a preset"
         )
     ingested = source.read(default_quarantine=state_dir / "quarantine.csv")  # fails early, in one sentence
-    from fedanom.common.detector.artifact import backbone_hash  # the model stack, once the data is good
     from fedanom.common.detector.privacy import PrivacyLedger
 
     if base is not None:

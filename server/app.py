@@ -27,7 +27,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedanom.common.detector.artifact import backbone_hash, load_backbone
+from fedanom.common.backbone import backbone_hash
+from fedanom.common.detector.artifact import load_backbone
 from fedanom.common.detector.model import attach_lora, trainable_state
 from fedanom.common.errors import FedanomError
 from fedanom.common.records import (

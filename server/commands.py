@@ -19,6 +19,7 @@ from typing import IO, Annotated
 
 import typer
 
+from fedanom.common.backbone import backbone_hash
 from fedanom.common.errors import FedanomError
 from fedanom.common.flower import (
     check_transport,
@@ -153,8 +154,6 @@ def server(
     ] = None,
 ) -> None:
     """Run a federation: a Flower SuperLink, rounds of merchants' DP adapters, a global detector."""
-    from fedanom.common.detector.artifact import backbone_hash
-
     backbone_hash(base)  # a clear error now rather than in every merchant later
     if aggregation not in AGGREGATORS:
         raise FedanomError(f"--aggregation must be one of {', '.join(AGGREGATORS)}")

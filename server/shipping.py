@@ -3,7 +3,7 @@
 Before a merchant first trains or evaluates, the server asks it (a Flower `query` message) whether it
 holds the backbone with the run's content hash. A merchant that does not gets the backbone's files in a
 second query and installs them in its state directory only if they hash to the announced value
-(`artifact.install_backbone`). Merchants that already hold it receive nothing but the question, so a
+(`backbone.install_backbone`). Merchants that already hold it receive nothing but the question, so a
 federation of merchants with `base/` on disk costs one round trip per merchant per run.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedanom.common.detector.artifact import backbone_files, backbone_hash
+from fedanom.common.backbone import backbone_files, backbone_hash
 from fedanom.server.replies import BadReply, backbone_answer, failure
 
 

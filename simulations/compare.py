@@ -31,7 +31,8 @@ import numpy as np
 from flwr.clientapp.typing import Mod
 from flwr.simulation import run_simulation
 
-from fedanom.client.app import Merchant, make_client_app
+from fedanom.client.app import make_client_app
+from fedanom.client.merchant import Merchant
 from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.privacy import PrivacyLedger
 from fedanom.common.ingest import ingest

@@ -29,7 +29,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from sklearn.metrics import roc_auc_score
 
 from fedanom import cli as fedanom_cli
-from fedanom.common.detector.artifact import backbone_hash, save_backbone
+from fedanom.common.backbone import backbone_hash
+from fedanom.common.detector.artifact import save_backbone
 from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.model import build_backbone
 from fedanom.common.flower import flower_environment, free_port

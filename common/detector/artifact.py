@@ -16,7 +16,6 @@ wrong score. (A checksum is no signature: whoever may write the directory may re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from fedanom.common.backbone import BACKBONE_META, backbone_hash, content_hash, sha256_file, weight_files
 from fedanom.common.detector.model import add_anomaly_head
 from fedanom.common.errors import FedanomError
 from fedanom.common.features import FeatureReference
@@ -36,30 +36,7 @@ from fedanom.common.tokens import VOCAB_SIZE, VOCAB_VERSION, Popularity
 
 DETECTOR_FORMAT = "fedanom-detector/3"
 MANIFEST = "checksums.sha256"
-BACKBONE_META = "fedanom-backbone.json"
 QUANTILE_LEVELS = np.linspace(0.0, 1.0, 1001)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def content_hash(directory: Path, names: list[str]) -> str:
-    """One hash over the named files' contents (in name order)."""
-    digest = hashlib.sha256()
-    for name in sorted(names):
-        digest.update(name.encode() + b"\0" + sha256_file(directory / name).encode())
-    return digest.hexdigest()
-
-
-def _weight_files(directory: Path) -> list[str]:
-    return sorted(
-        p.name for p in directory.iterdir() if p.name == "config.json" or p.suffix == ".safetensors"
-    )
 
 
 # --------------------------------------------------------------------------------------------- backbone
@@ -67,44 +44,10 @@ def save_backbone(model: PreTrainedModel, directory: str | Path, provenance: dic
     """`save_pretrained` plus a content hash; returns the hash."""
     directory = Path(directory)
     model.save_pretrained(directory)
-    digest = content_hash(directory, _weight_files(directory))
+    digest = content_hash(directory, weight_files(directory))
     meta = {"hash": digest, "vocabulary_version": VOCAB_VERSION, "provenance": provenance}
     (directory / BACKBONE_META).write_text(json.dumps(meta, indent=2))
     return digest
-
-
-def backbone_hash(directory: str | Path) -> str:
-    directory = Path(directory)
-    if not directory.is_dir() or not (directory / "config.json").exists():
-        raise FedanomError(f"{directory} is not a model directory (no config.json)")
-    return content_hash(directory, _weight_files(directory))
-
-
-def backbone_files(directory: str | Path) -> dict[str, bytes]:
-    """The files that make up a backbone, by name, for shipping it to a merchant that lacks it."""
-    directory = Path(directory)
-    names = _weight_files(directory) + ([BACKBONE_META] if (directory / BACKBONE_META).exists() else [])
-    return {name: (directory / name).read_bytes() for name in names}
-
-
-def install_backbone(files: dict[str, bytes], expected_hash: str, directory: str | Path) -> Path:
-    """Write shipped backbone files to `directory` only if their content hash is the announced one."""
-    directory = Path(directory)
-    staging = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)  # a half-written earlier attempt
-    staging.mkdir(parents=True)
-    for name, data in files.items():
-        if Path(name).name != name:
-            raise FedanomError(f"a shipped backbone file has a path in its name ('{name}'); refused")
-        (staging / name).write_bytes(data)
-    received = backbone_hash(staging)
-    if received != expected_hash:
-        raise FedanomError(
-            f"the shipped backbone hashes to {received[:12]}, not the announced {expected_hash[:12]}; refused"
-        )
-    shutil.rmtree(directory, ignore_errors=True)  # whatever lay there did not hash right, or it is this
-    os.replace(staging, directory)
-    return directory
 
 
 def load_backbone(directory: str | Path, device: torch.device | str = "cpu") -> PreTrainedModel:

@@ -27,10 +27,10 @@ import torch
 from peft import PeftModel
 from sklearn.metrics import average_precision_score
 
+from fedanom.common.backbone import backbone_hash
 from fedanom.common.detector.artifact import (
     Calibration,
     DetectorSpec,
-    backbone_hash,
     load_backbone,
     load_detector,
     relative_or_absolute,
