@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,16 @@ from fedanom.server.pretrain import pretrain_backbone
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def environment_restored() -> Iterator[None]:
+    """Each test module leaves the process environment as it found it: Flower's Ray backend exports the
+    driver's sys.path as PYTHONPATH, and fixtures set variables their merchants' workers read."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def shared_data_dir() -> Path:

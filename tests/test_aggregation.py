@@ -16,9 +16,9 @@ from flwr.server.superlink.linkstate.utils import create_message_error_unavailab
 
 from fedanom.common.records import FAILURES, MERCHANT_SETUP
 from fedanom.server.aggregation import AGGREGATORS, IMPLAUSIBLE, WEIGHT_CAP, Update, aggregate
-from fedanom.server.app import CheckedFedAvg
 from fedanom.server.replies import BadReply, evaluate_reply, failure, train_reply
 from fedanom.server.shipping import BackboneShipper
+from fedanom.server.strategy import CheckedFedAvg
 
 REFERENCE = {"b1": np.zeros((4, 2), dtype=np.float32), "b2": np.zeros(3, dtype=np.float32)}
 BOUND = 1e3  # far above every honest change below (norm sqrt(11) * value)

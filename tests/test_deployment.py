@@ -187,8 +187,8 @@ def test_rounds_log_federated_evaluation_with_labelled_merchants_auroc(deploymen
     last = json.loads((deployment / "run" / "round-2" / "metrics.json").read_text())
     clients = last["evaluate"]["clients"]
     assert len(clients) == 3 and all(c["num-examples"] > 0 for c in clients.values())
-    assert all(0.0 <= c["val-auroc"] <= 1.0 for c in clients.values())
-    assert 0.0 <= last["evaluate"]["combined"]["val-auroc"] <= 1.0
+    aurocs = [c["val-auroc"] for c in clients.values()]
+    assert min(aurocs) <= last["evaluate"]["combined"]["val-auroc"] <= max(aurocs)  # a weighted mean
 
 
 def test_the_operator_sees_the_run_with_flwr_ls_and_flwr_log(deployment: Path) -> None:

@@ -93,12 +93,18 @@ def federation(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) ->
         "round-timeout": 300.0,
         "supervised-head": True,
     }
-    run_simulation(
-        server_app=build_app(overrides),
-        client_app=client,
-        num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
-    )
+    try:
+        run_simulation(
+            server_app=build_app(overrides),
+            client_app=client,
+            num_supernodes=3,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": 2},
+            },
+        )
+    finally:
+        os.environ.pop(SPY_DIR)  # the other tests' merchants record nothing
     return root
 
 
@@ -179,7 +185,11 @@ def test_final_global_adapter_and_merchant_detectors(federation: Path) -> None:
     plain = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(federation / "base"), federation / "run" / "global" / "adapter"
     )
-    assert plain is not None
+    # plain peft loads the last round's aggregate: the adapter the merchants' detectors were built on
+    loaded = {name: p.detach().numpy() for name, p in plain.named_parameters()}
+    with np.load(federation / "run" / "round-2" / "adapter.npz") as last:
+        lora = {name: last[name] for name in last.files if "lora_" in name}
+    assert lora and all(np.array_equal(loaded[name], value) for name, value in lora.items())
     for i in range(3):
         detector = BehaviourDetector.load(federation / "state" / f"merchant-{i}" / "detector")
         assert detector.provenance["federated_round"] == 2

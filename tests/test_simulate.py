@@ -59,7 +59,7 @@ def test_every_method_is_measured_on_every_merchant(simulation: tuple[Path, dict
     for values in results["methods"].values():
         assert len(values["per_merchant"]) == 3
         for m in values["per_merchant"]:
-            assert 0.0 <= m["auprc"] <= 1.0 and 0.0 <= m["auroc"] <= 1.0 and m["attacks"] > 0
+            assert m["sessions"] > m["attacks"] > 0
             assert set(m["per_attack_recall"]) <= set(ATTACKS) and m["per_attack_recall"]
     epsilons = [max(r["epsilon"].values()) for r in results["rounds"]["federated-dp"]]
     assert 0 < epsilons[0] < epsilons[1] <= 8.0
