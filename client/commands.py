@@ -7,21 +7,16 @@ answer without waiting ~8 s for it to load.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
-import pandas as pd
 import typer
 
+from fedanom.client.supernode import SuperNode
 from fedanom.common.backbone import backbone_hash
 from fedanom.common.errors import FedanomError
 from fedanom.common.flower import (
     check_transport,
-    flower_environment,
-    own_flower_processes,
-    run_to_end,
     split_address,
 )
 from fedanom.common.labels import load_label_table, read_labels
@@ -151,7 +146,7 @@ def score(
 ) -> None:
     """Score every session of a file: id, user, score, rank, flag (and why, with --explain)."""
     from fedanom.common.detector.detector import BehaviourDetector
-    from fedanom.common.detector.scoring import explain
+    from fedanom.common.detector.scores import score_ingested
 
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise FedanomError(f"--out {out} must end in .csv or .parquet")
@@ -162,29 +157,14 @@ def score(
         config=detector.session,
         popularity=detector.popularity,
     )
-    parts = []
     with progress_bar("scoring", total=ingested.builder.n_partitions, unit_bytes=False) as bar:
-        for batch in ingested.batches():
-            windows = Windows.from_batches([batch], ingested.popularity, ingested.report)
-            surprise = detector.surprise(windows)
-            frame = pd.DataFrame(
-                {
-                    "session_id": windows.session,
-                    "user_id": windows.user,
-                    "start": pd.to_datetime(windows.start_ms, unit="ms", utc=True),
-                    "events": windows.lengths,
-                    "score": detector.combine(surprise, windows),
-                }
-            )
-            if explain_events:
-                frame["explanation"] = [
-                    " | ".join(explain(surprise, windows, i, reference=detector.reference))
-                    for i in range(windows.n_windows)
-                ]
-            parts.append(frame)
-            bar.advance()
-    sessions = _per_session(pd.concat(parts, ignore_index=True), explain_events)
-    sessions["flag"] = sessions.score > threshold
+        sessions = score_ingested(
+            detector,
+            ingested,
+            alert_rate=alert_rate,
+            with_explanations=explain_events,
+            on_batch=bar.advance,
+        )
     if out.suffix.lower() == ".parquet":
         sessions.to_parquet(out, index=False)
     else:
@@ -193,20 +173,6 @@ def score(
         f"scored {len(sessions):,} sessions ({ingested.report.rows_kept:,} events) into {out}: "
         f"{int(sessions.flag.sum()):,} flagged at threshold {threshold:.3f}"
     )
-
-
-def _per_session(windows: pd.DataFrame, with_explanations: bool) -> pd.DataFrame:
-    """A session's score is its most anomalous window's; its explanation comes from that window."""
-    best = windows.sort_values("score", ascending=False, kind="stable").drop_duplicates("session_id")
-    totals = windows.groupby("session_id", sort=False).events.sum()
-    best = best.assign(events=best.session_id.map(totals).to_numpy())
-    best = best.reset_index(drop=True)
-    best.insert(0, "rank", np.arange(1, len(best) + 1))
-    columns = ["session_id", "user_id", "start", "events", "score", "rank"]
-    return best[columns + (["explanation"] if with_explanations else [])]
-
-
-RETRY_SECONDS = 5.0  # between attempts to (re)join, when the SuperNode itself gives up
 
 
 @data_options()
@@ -271,33 +237,17 @@ def client(
         raise FedanomError(f"--auth-key {auth_key} does not exist")
     host, _ = split_address(server)
     plain = check_transport(host, insecure=insecure, has_certificates=root_certificates is not None)
-    optional = {"base": base.resolve() if base else "", "labels": labels.resolve() if labels else ""}
-    node_config = (
-        f"data='{source.data.resolve()}' preset='{source.preset or ''}' state-dir='{state_dir.resolve()}' "
-        f"epsilon={epsilon} " + " ".join(f"{key}='{value}'" for key, value in optional.items())
-    )
-    command = ["flower-supernode", "--superlink", server, "--port", str(port), "--node-config", node_config]
-    command += ["--insecure"] if plain else ["--root-certificates", str(root_certificates)]
-    if auth_key is not None:
-        command += ["--auth-supernode-private-key", str(auth_key)]
+    node = SuperNode(server, port, None if plain else root_certificates, auth_key, threads)
     err.print(
         f"joining the federation at {server} with {ingested.report.rows_kept:,} events of {source.data.name};"
-        " "
-        f"privacy budget ε={epsilon:g}, spent so far {PrivacyLedger.spent_in(state_dir):.2f}"
+        f" privacy budget ε={epsilon:g}, spent so far {PrivacyLedger.spent_in(state_dir):.2f}"
     )
-    # The ClientApp processes the SuperNode starts inherit this; more threads than cores make DP-SGD's many
-    # small operations spin rather than compute.
-    environment = flower_environment(**({"OMP_NUM_THREADS": str(threads)} if threads > 0 else {}))
-    own_flower_processes()
-    deadline = time.monotonic() + give_up_after
-    while True:
-        code = run_to_end(command, env=environment)
-        if code in (0, -2, 130):  # finished, or the merchant pressed Ctrl-C
-            return
-        if time.monotonic() >= deadline:
-            raise FedanomError(f"the SuperNode kept stopping (last exit code {code}); gave up")
-        err.print(
-            f"the SuperNode stopped (exit code {code}): the SuperLink is unreachable or has not admitted "
-            f"this node's key yet; trying again in {RETRY_SECONDS:g} s"
-        )
-        time.sleep(RETRY_SECONDS)
+    node_config: dict[str, str | float] = {
+        "data": str(source.data.resolve()),
+        "preset": source.preset or "",
+        "state-dir": str(state_dir.resolve()),
+        "epsilon": epsilon,
+        "base": str(base.resolve()) if base else "",
+        "labels": str(labels.resolve()) if labels else "",
+    }
+    node.run(node_config, state_dir, give_up_after)

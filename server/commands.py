@@ -1,21 +1,18 @@
 """What the operator runs: `fedanom server` (below) and `fedanom pretrain` (at the end).
 
-`fedanom server` is the federated run on a real Flower SuperLink. It starts `flower-superlink`, writes
-the Flower app (a pyproject naming fedanom's installed ServerApp and ClientApp) and a Flower CLI
-connection under the run directory, launches the run with `flwr run` (so `flwr ls` / `flwr log` work
-against it with FLWR_HOME=<run-dir>/flwr-home), waits for it and stops the SuperLink. Merchants join
-with `fedanom client`. The model stack is imported inside the commands (`pretrain`: once its data has
-been read), so `--help` and a mistake in the options answer without waiting ~8 s for it to load.
+`fedanom server` checks the operator's options and runs the federation on a real Flower SuperLink
+(`server.superlink`); merchants join with `fedanom client`. The model stack is imported inside the
+commands (`pretrain`: once its data has been read), so `--help` and a mistake in the options answer
+without waiting ~8 s for it to load.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Annotated
+from typing import Annotated
 
 import typer
 
@@ -23,11 +20,7 @@ from fedanom.common.backbone import backbone_hash
 from fedanom.common.errors import FedanomError
 from fedanom.common.flower import (
     check_transport,
-    flower_environment,
-    own_flower_processes,
     split_address,
-    stop_descendants,
-    wait_for_port,
 )
 from fedanom.common.ingest import ingest
 from fedanom.common.presets import resolve_preset
@@ -42,53 +35,7 @@ from fedanom.common.settings import (
 from fedanom.common.windows import Windows
 from fedanom.options import DataSource, DeviceOption, data_options, err, file_and_preset
 from fedanom.server.aggregation import AGGREGATORS
-
-CONNECTION = "fedanom"
-
-
-def app_pyproject() -> str:
-    """The Flower app `flwr run` ships: fedanom's components, from the installed package."""
-    values = "\n".join(f"{key} = {_toml(value)}" for key, value in RUN_DEFAULTS.items())
-    return f"""[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "fedanom-federation"
-version = "0.1.0"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "fedanom"
-
-[tool.flwr.app.components]
-serverapp = "fedanom.server.app:app"
-clientapp = "fedanom.client.app:app"
-
-[tool.flwr.app.config]
-{values}
-"""
-
-
-def _toml(value: bool | float | int | str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return f'"{value}"' if isinstance(value, str) else repr(value)
-
-
-def run_config(values: dict[str, bool | float | int | str]) -> str:
-    """`flwr run --run-config` syntax: key=value pairs, text quoted."""
-    return " ".join(f"{key}={_toml(value).replace(chr(34), chr(39))}" for key, value in values.items())
-
-
-def register_node(public_key: Path, env: dict[str, str], log: IO[str]) -> None:
-    """Admit one merchant's SuperNode key (`flwr supernode register`); a key already admitted is fine."""
-    command = ["flwr", "supernode", "register", str(public_key.resolve()), CONNECTION]
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    log.write(result.stdout + result.stderr)
-    log.flush()
-    if result.returncode != 0 and "already" not in (result.stdout + result.stderr).lower():
-        raise FedanomError(f"the SuperLink refused the node key {public_key}; see {log.name}")
+from fedanom.server.superlink import Listener, RunConfig, run_on_superlink
 
 
 def server(
@@ -170,45 +117,7 @@ def server(
         )
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "app").mkdir(exist_ok=True)
-    (run_dir / "app" / "pyproject.toml").write_text(app_pyproject())
-    home = run_dir / "flwr-home"
-    home.mkdir(exist_ok=True)
-    tls = (
-        "insecure = true"
-        if plain
-        else f'root-certificates = "{(certificates or Path()).resolve() / "ca.crt"}"'
-    )
-    connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{connect_host}:{port}"\n{tls}\n'
-    )
-    link = [
-        "flower-superlink",
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--database",
-        str(run_dir / "superlink.db"),
-        "--disable-runtime-dependency-installation",
-    ]
-    if plain:
-        link.append("--insecure")
-    else:
-        assert certificates is not None
-        link += [
-            "--ssl-ca-certfile",
-            str(certificates / "ca.crt"),
-            "--ssl-certfile",
-            str(certificates / "server.pem"),
-            "--ssl-keyfile",
-            str(certificates / "server.key"),
-        ]
-    if node_keys:
-        link.append("--enable-supernode-auth")
-    values: dict[str, bool | float | int | str] = {
+    values: RunConfig = {
         "num-server-rounds": rounds,
         "min-nodes": min_clients,
         "expect-nodes": expect_clients,
@@ -228,27 +137,8 @@ def server(
         "lora-targets": lora_targets,
         "supervised-head": supervised_head,
     }
-    env = flower_environment(FLWR_HOME=str(home))
-    own_flower_processes()
-    with open(run_dir / "superlink.log", "a") as log:
-        try:
-            subprocess.Popen(link, stdout=log, stderr=subprocess.STDOUT, env=env)
-            wait_for_port(connect_host, port, seconds=60, what="the SuperLink")
-            for key in node_keys or []:
-                register_node(key, env, log)
-            typer.echo(f"SuperLink on {host}:{port}; waiting for {min_clients} merchants (fedanom client)")
-            command = [
-                "flwr",
-                "run",
-                str(run_dir / "app"),
-                CONNECTION,
-                "--run-config",
-                run_config(values),
-                "--stream",
-            ]
-            finished = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-        finally:
-            stop_descendants()  # the SuperLink, and what it started
+    listener = Listener(host, port, None if plain else (certificates or Path()).resolve())
+    finished = run_on_superlink(listener, run_dir, values, node_keys or [])
     rounds_log = run_dir / "rounds.jsonl"
     if finished != 0 or not (run_dir / "global" / "adapter").exists():
         raise FedanomError(f"the federated run did not finish; see {run_dir / 'superlink.log'}")

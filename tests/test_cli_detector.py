@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -123,6 +124,17 @@ def test_train_then_score_with_explanations(workdir: Path) -> None:
     )
     assert parquet.returncode == 0, parquet.stderr
     assert len(pd.read_parquet(workdir / "s.parquet")) == len(scores)
+
+    # a library user scores a DataFrame of the same events in three lines, and gets the same table
+    from fedanom.common.detector import BehaviourDetector, score_events
+
+    events = pd.read_csv(
+        workdir / "merchant.csv", names=["user_id", "item_id", "category_id", "behavior_type", "timestamp"]
+    )
+    table = score_events(BehaviourDetector.load(workdir / "det"), events, preset="taobao")
+    written = pd.read_parquet(workdir / "s.parquet")
+    assert table.session_id.tolist() == written.session_id.tolist()
+    assert np.allclose(table.score, written.score) and (table.flag == written.flag).all()
 
 
 def test_privacy_budget_accumulates_and_is_refused_when_spent(workdir: Path) -> None:

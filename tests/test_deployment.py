@@ -129,7 +129,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, tiny
         listing = subprocess.run(["flwr", "ls", "--format", "json"], env=env, capture_output=True, text=True)
         (root / "flwr-ls.json").write_text(listing.stdout)
         run_id = str(json.loads(listing.stdout)["runs"][0]["run-id"])
-        shown = subprocess.run(["flwr", "log", run_id, "--show"], env=env, capture_output=True, text=True)
+        for _ in range(6):  # a loaded machine's SuperLink can miss a Control API call: ask again
+            shown = subprocess.run(["flwr", "log", run_id, "--show"], env=env, capture_output=True, text=True)
+            if "unavailable" not in shown.stdout + shown.stderr:
+                break
+            time.sleep(10)
         (root / "flwr-log.txt").write_text(shown.stdout + shown.stderr)
         kill(server)  # the operator's machine goes down after round 1
         restarted = start(*server_args, "--resume", cwd=root, log=root / "server.log")

@@ -1,0 +1,64 @@
+"""A merchant's Flower SuperNode, as `fedanom client` runs it: who the merchant is goes into the node
+config (`client.merchant` reads it in every ClientApp process), and the SuperNode is started again
+while the SuperLink is unreachable or has not admitted the node's key yet, until the merchant gives up.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+
+from fedanom.common.errors import FedanomError
+from fedanom.common.flower import flower_environment, own_flower_processes, run_to_end
+
+RETRY_SECONDS = 5.0  # between attempts to (re)join, when the SuperNode itself gives up
+
+
+@dataclass(frozen=True)
+class SuperNode:
+    server: str
+    port: int  # of the SuperNode's own runtime API
+    root_certificates: Path | None  # None: plain text
+    auth_key: Path | None  # its private key, when the operator authenticates nodes
+    threads: int  # CPU threads of its ClientApp processes; 0: PyTorch's default
+
+    def command(self, node_config: Path) -> list[str]:
+        command = ["flower-supernode", "--superlink", self.server, "--port", str(self.port)]
+        command += ["--node-config", str(node_config)]
+        if self.root_certificates is None:
+            command.append("--insecure")
+        else:
+            command += ["--root-certificates", str(self.root_certificates)]
+        if self.auth_key is not None:
+            command += ["--auth-supernode-private-key", str(self.auth_key)]
+        return command
+
+    def run(self, node_config: dict[str, str | float], state_dir: Path, give_up_after: float) -> None:
+        """Run until the federation ends or the merchant presses Ctrl-C; retry while it cannot join."""
+        # Flower reads a node config from a TOML file whole: no quoting of the merchant's paths
+        config_file = state_dir / "node-config.toml"
+        config_file.parent.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(tomli_w.dumps(node_config))
+        # The ClientApp processes the SuperNode starts inherit this; more threads than cores make DP-SGD's
+        # many small operations spin rather than compute.
+        threads = {"OMP_NUM_THREADS": str(self.threads)} if self.threads > 0 else {}
+        environment = flower_environment(**threads)
+        own_flower_processes()
+        deadline = time.monotonic() + give_up_after
+        while True:
+            code = run_to_end(self.command(config_file), env=environment)
+            if code in (0, -2, 130):  # finished, or the merchant pressed Ctrl-C
+                return
+            if time.monotonic() >= deadline:
+                raise FedanomError(f"the SuperNode kept stopping (last exit code {code}); gave up")
+            print(
+                f"the SuperNode stopped (exit code {code}): the SuperLink is unreachable or has not "
+                f"admitted this node's key yet; trying again in {RETRY_SECONDS:g} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            time.sleep(RETRY_SECONDS)
