@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -140,10 +141,23 @@ def run() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        app()
+        code = app(standalone_mode=False)  # usage mistakes reach the handler below, not a rich box
+    except click.UsageError as exc:
+        if exc.format_message():  # empty when a bare command printed its help instead
+            where = exc.ctx.command_path if exc.ctx is not None else "fedanom"
+            err.print(
+                f"[bold red]error:[/bold red] {exc.format_message()} (see {where} --help)",
+                highlight=False,
+                soft_wrap=True,
+            )
+        sys.exit(2)
+    except click.Abort:
+        err.print("interrupted")
+        sys.exit(130)
     except FedanomError as exc:
         err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

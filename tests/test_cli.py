@@ -88,6 +88,22 @@ def test_user_mistakes_give_one_line_and_no_traceback(shop_csv: Path, tmp_path: 
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
 
 
+def test_usage_mistakes_are_one_sentence_too(tmp_path: Path) -> None:
+    """A missing or unknown option, a bad value or a mistyped command: one line naming the mistake and
+    where the help is, exit code 2 (click's for usage), no box."""
+    cases = [
+        (("score", "--data", "x.csv"), "Missing option '--model'", "fedanom score --help"),
+        (("train", "--bogus"), "No such option '--bogus'", "fedanom train --help"),
+        (("simulate", "--rounds", "three"), "'three' is not a valid integer", "fedanom simulate --help"),
+        (("scor",), "No such command 'scor'", "fedanom --help"),
+    ]
+    for args, mistake, help_hint in cases:
+        result = fedanom(*args, cwd=tmp_path)
+        assert result.returncode == 2, args
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert mistake in result.stderr and help_hint in result.stderr, result.stderr
+
+
 def test_the_command_line_answers_without_loading_the_model_stack(tmp_path: Path) -> None:
     """`--help` and a user's mistake must not wait for torch, transformers, peft, Opacus and Flower to load
     (8 s here): the commands import them after their options are checked, and take their defaults from
