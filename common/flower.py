@@ -1,4 +1,5 @@
-"""Starting Flower's own processes (SuperLink, SuperNode, `flwr run`) the way fedanom needs them.
+"""Starting Flower's own processes (SuperLink, SuperNode, `flwr run`) the way fedanom needs them, and
+keeping Flower's log lines in a file while fedanom's own progress display holds the console.
 
 Flower's processes launch further Flower executables by name, so they run with this environment's
 `bin` first on PATH. Outside loopback, TLS is required unless the operator insists on `--insecure`, which
@@ -11,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ipaddress
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +132,20 @@ def run_to_end(command: list[str], **popen: Any) -> int:
         return subprocess.Popen(command, **popen).wait()
     finally:
         stop_descendants()
+
+
+@contextlib.contextmanager
+def flower_logs_to(path: Path) -> Iterator[None]:
+    """Flower's log lines go to `path` instead of the console while the block runs (it logs every line
+    to its own console handler and again through the root logger's). The caller names the file."""
+    flower = logging.getLogger("flwr")
+    saved = flower.handlers[:], flower.propagate
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(path)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    flower.handlers, flower.propagate = [to_file], False
+    try:
+        yield
+    finally:
+        flower.handlers, flower.propagate = saved
+        to_file.close()

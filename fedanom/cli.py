@@ -130,6 +130,7 @@ QUIET = (
     "Full backward hook is firing",  # Opacus hooks on a frozen backbone
     "`is_gradient_checkpointing` is deprecated",  # peft calling transformers
     "Optimal order is the (largest|smallest) alpha",  # Opacus RDP at the edges of its order range
+    "Tip: In future versions of Ray",  # Ray's accelerator variables: no GPU is asked of its workers
 )
 
 

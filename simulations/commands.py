@@ -83,6 +83,9 @@ def simulate(
         ),
     ] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Flower's and Ray's logs on the console, not in flower.log.")
+    ] = False,
 ) -> None:
     """Simulate a federation and compare it with local, centralized and feature baselines."""
     if not 0.05 <= test_share <= 0.95:
@@ -131,6 +134,7 @@ def simulate(
             seed=seed,
             head=head,
             on_method=lambda method: bar.update(task, description=f"method: {method}"),
+            verbose=verbose,
         )
     scenario = {
         "rounds": rounds,
@@ -155,7 +159,7 @@ def simulate(
     err.print(
         f"simulation done in {scenario['seconds']:.0f} s: {out / 'report.md'}; mean AUPRC "
         + ", ".join(f"{m} {v['mean']['auprc']:.3f}" for m, v in results["methods"].items())
-        + f" (best: {best})"
+        + f" (best: {best}); Flower's logs: {work}/federated*/flower.log"
     )
 
 

@@ -20,7 +20,9 @@ federation it scores with the head the others trained.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from fedanom.client.app import make_client_app
 from fedanom.client.merchant import Merchant
 from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.privacy import PrivacyLedger
+from fedanom.common.flower import flower_logs_to
 from fedanom.common.ingest import ingest
 from fedanom.common.presets import resolve_preset
 from fedanom.common.settings import RUN_DEFAULTS, LoraSettings, TrainSettings
@@ -110,6 +113,7 @@ def run_all(
     seed: int,
     head: bool = True,
     on_method: Callable[[str], None] = lambda _: None,
+    verbose: bool = False,
 ) -> Comparison:
     result = Comparison()
     for method in METHODS:
@@ -117,7 +121,7 @@ def run_all(
         if method.startswith("federated"):
             dp = method == "federated-dp"
             scores, log = federated(
-                merchants, sessions, base, workdir / method, rounds, epsilon, dp, seed, head
+                merchants, sessions, base, workdir / method, rounds, epsilon, dp, seed, head, verbose=verbose
             )
             result.rounds[method] = log
         elif method == "local-only":
@@ -149,6 +153,7 @@ def federated(
     *,
     mods: Sequence[Mod] = (),
     overrides: Mapping[str, bool | float | int | str] | None = None,
+    verbose: bool = False,
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[dict[str, Any]]]:
     """The federation's run; `mods` wrap every merchant's ClientApp and `overrides` change the run config
     (benchmarks/poisoning.py makes some merchants hostile this way)."""
@@ -175,12 +180,20 @@ def federated(
         "round-timeout": 3600.0,
         **(overrides or {}),
     }
-    run_simulation(
-        server_app=build_app(config),
-        client_app=make_client_app(mods),
-        num_supernodes=len(merchants),
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-    )
+    with contextlib.nullcontext() if verbose else flower_logs_to(run_dir / "flower.log"):
+        run_simulation(
+            server_app=build_app(config),
+            client_app=make_client_app(mods),
+            num_supernodes=len(merchants),
+            # what the merchants' processes print stays in Ray's own session logs
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {
+                    "log_to_driver": verbose,
+                    "logging_level": logging.INFO if verbose else logging.WARNING,
+                },
+            },
+        )
     scores = []
     for i, s in enumerate(sessions):
         detector = BehaviourDetector.load(run_dir / "state" / f"merchant-{i}" / "detector")

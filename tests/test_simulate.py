@@ -37,6 +37,10 @@ def simulation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "simulation done" in result.stderr
+    # the console keeps the progress and the outcome; Flower's lines go to each federation's log file
+    assert "ROUND" not in result.stderr and result.stderr.count("\n") <= 5, result.stderr[-3000:]
+    for method in ("federated-dp", "federated"):
+        assert "[ROUND 2/2]" in (out / "work" / method / "flower.log").read_text()
     return out, json.loads((out / "results.json").read_text())
 
 
