@@ -19,7 +19,8 @@ from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForCausalLM
 
 from fedanom.common.detector.artifact import save_backbone
-from fedanom.common.detector.detector import MIN_KNOWN_TO_CHOOSE, BehaviourDetector
+from fedanom.common.detector.detector import BehaviourDetector
+from fedanom.common.detector.evidence import MIN_KNOWN_TO_CHOOSE, choose_kinds
 from fedanom.common.detector.model import build_backbone, next_token_nll, pad_batch
 from fedanom.common.detector.privacy import PrivacyLedger
 from fedanom.common.errors import FedanomError
@@ -306,7 +307,7 @@ def test_enough_known_attacks_leave_an_uninformative_kind_out_of_the_score(
     labels[:known] = 1
     evidence = {"sequence": labels * 5.0 + rng.normal(size=400), "features": rng.normal(size=400)}
     scaled = {name: (0.0, 1.0) for name in evidence}
-    assert BehaviourDetector._choose_kinds(evidence, labels, scaled) == kinds
+    assert choose_kinds(evidence, labels, scaled) == kinds
 
 
 @pytest.mark.parametrize(("known", "kinds"), [(12, ("head",)), (5, ("sequence", "features"))])
@@ -319,4 +320,4 @@ def test_the_federations_word_keeps_an_unchecked_head_out_but_never_overrules_en
     evidence = {name: rng.normal(size=400) for name in ("sequence", "features")}
     evidence["head"] = labels * 5.0 + rng.normal(size=400)
     scaled = {name: (0.0, 1.0) for name in evidence}
-    assert BehaviourDetector._choose_kinds(evidence, labels, scaled, score_head=False) == kinds
+    assert choose_kinds(evidence, labels, scaled, score_head=False) == kinds

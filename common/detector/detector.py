@@ -16,7 +16,6 @@ kinds that rank them best there, as it chooses the event aggregation.
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +36,12 @@ from fedanom.common.detector.artifact import (
     resolve_backbone_path,
     save_detector,
 )
+from fedanom.common.detector.evidence import (
+    MIN_KNOWN_TO_CHOOSE,
+    auprc_with_and_without_head,
+    choose_kinds,
+    scales,
+)
 from fedanom.common.detector.model import architecture_of, attach_lora, pick_device
 from fedanom.common.detector.privacy import PrivacyLedger
 from fedanom.common.detector.scoring import AGGREGATIONS, Surprise, aggregate, event_surprise, explain
@@ -52,17 +57,6 @@ from fedanom.common.windows import VALIDATION_FRACTION, Windows
 # AUPRC of the four candidates and best test AUPRC for both architectures (BENCHMARKS.md). Used when a
 # merchant has no labels to choose with.
 DEFAULT_AGGREGATION = "mean"
-# Each kind of evidence is scaled by its normal sessions' median-to-99th-percentile distance. Measured on
-# three real exports with injected bots, this beat standard deviations (one heavy tail drowned the
-# other kind); the maximum of the scaled kinds instead of their sum is an open question (BENCHMARKS.md,
-# session 7).
-SCALE_TAIL = 0.01
-# Known attacks among the validation sessions before labels may leave a kind of evidence out of the score.
-# Which kind carries the signal depends on the shop: on one REES46 / YOOCHOOSE merchant each (3 seeds,
-# DP fit with the head or not, 12 fits) the kinds chosen with this minimum gave test AUPRC 0.680 against
-# 0.608 for all of them; with 6 known attacks the choice had dropped the feature reference that held
-# REES46's signal (BENCHMARKS.md, session 8).
-MIN_KNOWN_TO_CHOOSE = 10
 
 
 class BehaviourDetector:
@@ -196,9 +190,9 @@ class BehaviourDetector:
         surprise = event_surprise(self.model, validation, device=self.device)
         self.aggregation = self._choose_aggregation(surprise, validation, labels)
         evidence = self.evidence(surprise, validation)
-        scaled = _scales(evidence, normal)
+        scaled = scales(evidence, normal)
         self.score_mix = {}
-        for name in self._choose_kinds(evidence, labels, scaled, score_head):
+        for name in choose_kinds(evidence, labels, scaled, score_head):
             self.score_mix[f"{name}_median"], self.score_mix[f"{name}_scale"] = scaled[name]
         self.calibration = Calibration.from_scores(self.combine(surprise, validation)[normal], alert_rate)
         return surprise
@@ -260,13 +254,7 @@ class BehaviourDetector:
         evidence = self.evidence(surprise, validation)
         if "head" not in evidence or labels is None or labels.min() == labels.max():
             return None
-        scaled = _scales(evidence, ~labels.astype(bool))
-        parts = _standardised(evidence, scaled)
-        without = sum(values for name, values in parts.items() if name != "head")
-        return (
-            float(average_precision_score(labels, without + parts["head"])),
-            float(average_precision_score(labels, without)),
-        )
+        return auprc_with_and_without_head(evidence, labels)
 
     def head_helps(self, fit_part: Windows, labels: np.ndarray | None, normal: Windows) -> bool | None:
         """Whether the head ranks the training period's known attacks better summed than left out; None
@@ -279,23 +267,6 @@ class BehaviourDetector:
         self.reference = FeatureReference.fit(normal.features)  # calibrate fits the same one again
         check = self.head_auprc(self.surprise(fit_part), fit_part, labels)
         return check is None or check[0] >= check[1]
-
-    @staticmethod
-    def _choose_kinds(
-        evidence: dict[str, np.ndarray],
-        labels: np.ndarray | None,
-        scaled: dict[str, tuple[float, float]],
-        score_head: bool = True,
-    ) -> tuple[str, ...]:
-        """The kinds of evidence the score sums: all of them (the head only if `score_head`), unless the
-        validation sessions hold at least MIN_KNOWN_TO_CHOOSE known attacks; then the combination with
-        the best validation AUPRC (ties go to the one with more kinds)."""
-        names = tuple(scaled)
-        if labels is None or labels.sum() < MIN_KNOWN_TO_CHOOSE or labels.all():
-            return tuple(name for name in names if score_head or name != "head")
-        parts = _standardised(evidence, scaled)
-        combinations = [c for r in range(len(names), 0, -1) for c in itertools.combinations(names, r)]
-        return max(combinations, key=lambda c: average_precision_score(labels, sum(parts[k] for k in c)))
 
     def _choose_aggregation(self, surprise: Surprise, windows: Windows, labels: np.ndarray | None) -> str:
         if labels is None or labels.min() == labels.max():
@@ -345,22 +316,6 @@ class BehaviourDetector:
             reference=reference,
             device=placed,
         )
-
-
-def _scales(evidence: dict[str, np.ndarray], normal: np.ndarray) -> dict[str, tuple[float, float]]:
-    """Per kind of evidence: the median of the normal sessions and its distance to their top SCALE_TAIL."""
-    scaled = {}
-    for name, values in evidence.items():
-        median, top = np.quantile(values[normal], [0.5, 1.0 - SCALE_TAIL])
-        scaled[name] = (float(median), float(top - median) or 1.0)
-    return scaled
-
-
-def _standardised(
-    evidence: dict[str, np.ndarray], scaled: dict[str, tuple[float, float]]
-) -> dict[str, np.ndarray]:
-    """Each scaled kind of evidence in units of its normal sessions' median-to-top-tail distance."""
-    return {name: (evidence[name] - median) / scale for name, (median, scale) in scaled.items()}
 
 
 def _labels_for(part: Windows, whole: Windows, labels: np.ndarray | None) -> np.ndarray | None:
