@@ -38,12 +38,13 @@ import psutil
 from detector import ADAPTERS  # the adapter choices, whose quality detector.py --lora-sweep measures
 from flwr.simulation import run_simulation
 
-from fedanom.client.app import app as client_app
+from fedanom.client.app import make_client_app
+from fedanom.client.merchant import VirtualMerchants
 from fedanom.common.detector.artifact import save_backbone
 from fedanom.common.detector.model import attach_lora, build_backbone, trainable_state
 from fedanom.common.flower import free_port
 from fedanom.common.records import to_record
-from fedanom.common.settings import BackboneConfig
+from fedanom.common.settings import EPSILON, BackboneConfig
 from fedanom.server.app import build_app
 from fedanom.simulations.attacks import inject
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
@@ -87,9 +88,6 @@ def simulated_round_time(workdir: Path, rounds: int, n: int = 3, events: int = 2
         "num-server-rounds": rounds,
         "min-nodes": n,
         "base": str(workdir / "base"),
-        "sim-data": ";".join(files),
-        "sim-preset": "taobao",
-        "sim-state-root": str(workdir / "sim-state"),
         "run-dir": str(workdir / "sim-run"),
         "round-timeout": 7200.0,
     }
@@ -98,7 +96,11 @@ def simulated_round_time(workdir: Path, rounds: int, n: int = 3, events: int = 2
     with memory:
         run_simulation(
             server_app=build_app(overrides),
-            client_app=client_app,
+            client_app=make_client_app(
+                merchants=VirtualMerchants(
+                    tuple(Path(f) for f in files), workdir / "sim-state", workdir / "base", EPSILON
+                )
+            ),
             num_supernodes=n,
             backend_config={
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

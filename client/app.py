@@ -7,13 +7,12 @@ the whitelisted metrics below leave the merchant, or a failure's fixed code and 
 
 The merchant is described by the SuperNode's node config (`data`, `preset`, `state-dir`, `epsilon`, and
 optionally `base` and `labels`: its known attacks, which train the adapter's anomaly head when the run
-has one); in simulation, by the `sim-data` files the server forwards, indexed by
-the node's partition id (`client.merchant`). Everything else arrives with each round's message, so
-simulation and deployment behave alike. Flower starts a fresh ClientApp process for every message, so the
-handlers import the model stack (`client.rounds`) only where they use it: a backbone query or a round
-asked again costs no torch import. The backbone is found by the content hash the server announces: the
-merchant's own `base` if it matches, else one the server shipped earlier into
-`<state-dir>/backbones/<hash>` (`query`).
+has one); in simulation, by the simulation's resolver from the node's partition id (`client.merchant`).
+Everything else arrives with each round's message, so simulation and deployment behave alike. Flower
+starts a fresh ClientApp process for every message, so the handlers import the model stack
+(`client.rounds`) only where they use it: a backbone query or a round asked again costs no torch import.
+The backbone is found by the content hash the server announces: the merchant's own `base` if it matches,
+else one the server shipped earlier into `<state-dir>/backbones/<hash>` (`query`).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.common.logger import log
 
-from fedanom.client.merchant import Merchant, keep_reply, kept_reply
+from fedanom.client.merchant import Merchant, Resolver, keep_reply, kept_reply
 from fedanom.common.backbone import install_backbone
 from fedanom.common.errors import FedanomError
 from fedanom.common.records import (
@@ -49,10 +48,10 @@ from fedanom.common.records import (
 METRIC_KEYS = (*TRAIN_METRICS, *EVALUATE_METRICS)
 
 
-def query(msg: Message, context: Context) -> Message:
+def query(msg: Message, context: Context, merchants: Resolver = Merchant.from_node) -> Message:
     """Whether this merchant holds the announced backbone; with shipped files, install them first."""
     config = msg.content.config_records["config"]
-    merchant = Merchant.from_context(context, config)
+    merchant = merchants(context)
     expected = text(config, "backbone-hash")
     if "backbone-files" in config and merchant.backbone(expected) is None:
         names, contents = config["backbone-names"], config["backbone-files"]
@@ -68,9 +67,9 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"backbone": ConfigRecord({HAS_BACKBONE: has})}), reply_to=msg)
 
 
-def train(msg: Message, context: Context) -> Message:
+def train(msg: Message, context: Context, merchants: Resolver = Merchant.from_node) -> Message:
     config = msg.content.config_records["config"]
-    merchant = Merchant.from_context(context, config)
+    merchant = merchants(context)
     this_round = int(number(config, "server-round") + number(config, "round-offset"))
     incoming = msg.content.array_records["arrays"]
     # A round asked again on the same global adapter (the server restarted before aggregating it) gets
@@ -91,14 +90,12 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": to_record(update), "metrics": MetricRecord(values)}), reply_to=msg)
 
 
-def evaluate(msg: Message, context: Context) -> Message:
+def evaluate(msg: Message, context: Context, merchants: Resolver = Merchant.from_node) -> Message:
     """Score the merchant's validation sessions with the global adapter and keep that detector."""
     from fedanom.client.rounds import evaluate_round
 
     config = msg.content.config_records["config"]
-    values = evaluate_round(
-        Merchant.from_context(context, config), config, msg.content.array_records["arrays"]
-    )
+    values = evaluate_round(merchants(context), config, msg.content.array_records["arrays"])
     return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
 
 
@@ -125,12 +122,13 @@ def answering(handler: Callable[[Message, Context], Message]) -> Callable[[Messa
     return wrapped
 
 
-def make_client_app(mods: Sequence[Mod] = ()) -> ClientApp:
-    """The merchant's ClientApp (with Flower mods around it, e.g. a test's message recorder)."""
+def make_client_app(mods: Sequence[Mod] = (), merchants: Resolver = Merchant.from_node) -> ClientApp:
+    """The merchant's ClientApp (with Flower mods around it, e.g. a test's message recorder); a simulation
+    names its virtual merchants with `merchants`, so no message has to carry their data."""
     client_app = ClientApp(mods=list(mods))
-    client_app.query()(answering(query))
-    client_app.train()(answering(train))
-    client_app.evaluate()(answering(evaluate))
+    client_app.query()(answering(functools.partial(query, merchants=merchants)))
+    client_app.train()(answering(functools.partial(train, merchants=merchants)))
+    client_app.evaluate()(answering(functools.partial(evaluate, merchants=merchants)))
     return client_app
 
 

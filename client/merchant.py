@@ -8,7 +8,7 @@ costs several seconds (`client.rounds` does the model work).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,9 @@ from fedanom.common.windows import Windows
 
 @dataclass(frozen=True)
 class Merchant:
+    """A merchant as its ClientApp sees it. A SuperNode's node config describes it (`from_node`); a
+    simulation resolves each virtual merchant from its partition id instead (`Resolver`)."""
+
     data: Path
     preset: str | None
     state_dir: Path
@@ -35,30 +38,16 @@ class Merchant:
     simulated: bool = False  # a research run: its DP noise is seeded per round, so it can be reproduced
 
     @classmethod
-    def from_context(cls, context: Context, config: Mapping[str, object]) -> Merchant:
-        """From the SuperNode's node config, or in simulation from the round's config and partition id."""
+    def from_node(cls, context: Context) -> Merchant:
+        """The merchant a real SuperNode serves, from its node config (written by `fedanom client`)."""
         node = context.node_config
-        if "data" in node:  # a real SuperNode, started by `fedanom client`
-            return cls(
-                data=Path(text(node, "data")),
-                preset=text(node, "preset") or None,
-                state_dir=Path(text(node, "state-dir", ".fedanom-state")),
-                epsilon=number(node, "epsilon"),
-                base=Path(text(node, "base")) if text(node, "base") else None,
-                labels=Path(text(node, "labels")) if text(node, "labels") else None,
-            )
-        partition = int(number(node, "partition-id"))
-        files = text(config, "sim-data").split(";")
-        labels = text(config, "sim-labels").split(";")  # one per merchant; empty: it knows no attacks
-        known = labels[partition % len(labels)]
         return cls(
-            data=Path(files[partition % len(files)]),
-            preset=text(config, "sim-preset") or None,
-            state_dir=Path(text(config, "sim-state-root")) / f"merchant-{partition}",
-            epsilon=number(config, "epsilon"),
-            base=Path(text(config, "base")),
-            labels=Path(known) if known else None,
-            simulated=True,
+            data=Path(text(node, "data")),
+            preset=text(node, "preset") or None,
+            state_dir=Path(text(node, "state-dir", ".fedanom-state")),
+            epsilon=number(node, "epsilon"),
+            base=Path(text(node, "base")) if text(node, "base") else None,
+            labels=Path(text(node, "labels")) if text(node, "labels") else None,
         )
 
     def backbone(self, expected_hash: str) -> Path | None:
@@ -98,6 +87,9 @@ class Merchant:
         return self.state_dir / "replies" / f"round-{this_round}-{digest.hexdigest()[:16]}.npz"
 
 
+Resolver = Callable[[Context], Merchant]  # which merchant a message's ClientApp process serves
+
+
 def keep_reply(path: Path, update: Mapping[str, np.ndarray], metrics: Metrics) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **update, **{f"metric:{k}": np.float64(v) for k, v in metrics.items()})  # type: ignore[arg-type]
@@ -110,3 +102,29 @@ def kept_reply(path: Path, metric_keys: tuple[str, ...]) -> tuple[dict[str, np.n
         metrics: Metrics = {key: float(saved[f"metric:{key}"]) for key in metric_keys}
         update = {name: saved[name] for name in saved.files if not name.startswith("metric:")}
     return update, metrics
+
+
+@dataclass(frozen=True)
+class VirtualMerchants:
+    """A simulation's merchants, by the virtual SuperNode's partition id: merchant k reads `data[k]`
+    (with `labels[k]`, where it knows attacks) and keeps its state in `<state_root>/merchant-k`. Their
+    DP noise is seeded per round, so a research run repeats."""
+
+    data: tuple[Path, ...]
+    state_root: Path
+    base: Path
+    epsilon: float
+    labels: tuple[Path | None, ...] = ()
+    preset: str | None = "taobao"
+
+    def __call__(self, context: Context) -> Merchant:
+        k = int(number(context.node_config, "partition-id")) % len(self.data)
+        return Merchant(
+            data=self.data[k],
+            preset=self.preset,
+            state_dir=self.state_root / f"merchant-{k}",
+            epsilon=self.epsilon,
+            base=self.base,
+            labels=self.labels[k] if self.labels else None,
+            simulated=True,
+        )

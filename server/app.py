@@ -42,11 +42,6 @@ FORWARDED = (
     "supervised-head",
     "dp",
     "base",
-    "epsilon",
-    "sim-data",
-    "sim-preset",
-    "sim-state-root",
-    "sim-labels",
 )
 
 
@@ -89,7 +84,7 @@ def run_federation(grid: Grid, cfg: Mapping[str, object]) -> None:
     config = ConfigRecord({key: cfg[key] for key in FORWARDED})  # type: ignore[misc]  # numbers and text
     config["num-server-rounds"] = total_rounds
     config["round-offset"] = done
-    shipper = BackboneShipper(base, config, timeout=number(cfg, "round-timeout"))
+    shipper = BackboneShipper(base, timeout=number(cfg, "round-timeout"))
     config["backbone-hash"] = shipper.hash
     strategy = CheckedFedAvg(
         method=text(cfg, "aggregation"),

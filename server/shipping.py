@@ -9,7 +9,7 @@ federation of merchants with `base/` on disk costs one round trip per merchant p
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -22,10 +22,9 @@ from fedanom.server.replies import BadReply, backbone_answer, failure
 class BackboneShipper:
     """Remembers which merchants hold the run's backbone; ships it to the others on demand."""
 
-    def __init__(self, base: Path, config: Mapping[str, object], timeout: float) -> None:
+    def __init__(self, base: Path, timeout: float) -> None:
         self.base = base
         self.hash = backbone_hash(base)
-        self.config = dict(config)  # the round config merchants need to know who they are (simulation)
         self.timeout = timeout
         self.holding: set[int] = set()
 
@@ -49,7 +48,7 @@ class BackboneShipper:
     def _ask(
         self, grid: Grid, nodes: list[int], files: dict[str, bytes] | None
     ) -> tuple[dict[int, bool], dict[int, str]]:
-        config = ConfigRecord({**self.config, "backbone-hash": self.hash})  # type: ignore[dict-item]
+        config = ConfigRecord({"backbone-hash": self.hash})
         if files is not None:
             config["backbone-names"] = list(files)
             config["backbone-files"] = list(files.values())

@@ -11,7 +11,7 @@
 
 Every method sees the same sessions: the merchant's pre-cut events split 85/15 in time into training and
 validation (as the ClientApp splits them), and its post-cut test events. Every trained sequence method
-uses the merchant's known attacks the same way (the federated merchants get them through `sim-labels`):
+uses the merchant's known attacks the same way (the federated merchants through the simulation's resolver):
 with `head`, they train the adapter's anomaly head on the training sessions; on the validation sessions
 they choose the score aggregation and keep known attacks out of the threshold (`pretrained-only` does
 only the last two). A merchant that knows no attacks does none of this: alone it trains no head, in a
@@ -34,7 +34,7 @@ from flwr.clientapp.typing import Mod
 from flwr.simulation import run_simulation
 
 from fedanom.client.app import make_client_app
-from fedanom.client.merchant import Merchant
+from fedanom.client.merchant import Merchant, VirtualMerchants
 from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.privacy import PrivacyLedger
 from fedanom.common.flower import flower_logs_to
@@ -158,22 +158,24 @@ def federated(
     """The federation's run; `mods` wrap every merchant's ClientApp and `overrides` change the run config
     (benchmarks/poisoning.py makes some merchants hostile this way)."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    labels = []  # one slot per merchant, empty where it knows no attacks (a client without --labels)
+    labels: list[Path | None] = []  # None where it knows no attacks (a client without --labels)
     for i, s in enumerate(sessions):
         path = run_dir / f"labels-{i}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("user_id,label\n" + "".join(f"{user},1\n" for user in s.bots))
-        labels.append(str(path) if s.labelled else "")
+        labels.append(path if s.labelled else None)
+    virtual = VirtualMerchants(
+        data=tuple(m.fit_path for m in merchants),
+        state_root=run_dir / "state",
+        base=base,
+        epsilon=epsilon,
+        labels=tuple(labels),
+    )
     config: dict[str, bool | float | int | str] = {
         "num-server-rounds": rounds,
         "min-nodes": len(merchants),
         "base": str(base),
-        "sim-data": ";".join(str(m.fit_path) for m in merchants),
-        "sim-preset": "taobao",
-        "sim-labels": ";".join(labels),
-        "sim-state-root": str(run_dir / "state"),
         "run-dir": str(run_dir),
-        "epsilon": epsilon,
         "dp": dp,
         "lora-seed": seed,
         "supervised-head": head,
@@ -183,7 +185,7 @@ def federated(
     with contextlib.nullcontext() if verbose else flower_logs_to(run_dir / "flower.log"):
         run_simulation(
             server_app=build_app(config),
-            client_app=make_client_app(mods),
+            client_app=make_client_app(mods, merchants=virtual),
             num_supernodes=len(merchants),
             # what the merchants' processes print stays in Ray's own session logs
             backend_config={

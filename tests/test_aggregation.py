@@ -184,7 +184,7 @@ WITH, WITHOUT = "val-auprc-with-head", "val-auprc-without-head"
 
 def test_the_labelled_merchants_validation_decides_the_head_for_the_others(tiny_backbone: Path) -> None:
     """Example-weighted: the large merchant's head costs more AUPRC than the small one's gains."""
-    shipper = BackboneShipper(tiny_backbone, {}, 1.0)
+    shipper = BackboneShipper(tiny_backbone, 1.0)
     strategy = CheckedFedAvg(method="fedavg", norm_bound=BOUND, shipper=shipper)
     assert strategy.score_head  # until labelled merchants have measured it
     for large, small, decided in (((0.6, 0.8), (0.9, 0.7), False), ((0.8, 0.8), (0.9, 0.7), True)):
@@ -212,7 +212,7 @@ def test_a_failure_is_read_from_its_code_never_from_the_merchants_text() -> None
 def test_a_merchant_that_went_away_is_logged_by_its_own_node_id(tiny_backbone: Path) -> None:
     """The SuperLink answers for a dead merchant from its own node id (1); the round's log names the
     merchant the instruction went to."""
-    shipper = BackboneShipper(tiny_backbone, {}, 1.0)
+    shipper = BackboneShipper(tiny_backbone, 1.0)
     strategy = CheckedFedAvg(method="fedavg", norm_bound=BOUND, shipper=shipper)
     strategy.current = REFERENCE
     strategy.record, strategy.clock = {"seconds": {}}, {"train_sent": 0.0, "backbone_check": 0.0}

@@ -27,6 +27,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from fedanom.client import app as merchant_app
+from fedanom.client.merchant import VirtualMerchants
 from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.model import HEAD
 from fedanom.common.errors import FedanomError
@@ -41,7 +42,7 @@ from fedanom.common.records import (
     to_numpy,
     to_record,
 )
-from fedanom.common.settings import RUN_DEFAULTS
+from fedanom.common.settings import EPSILON, RUN_DEFAULTS
 from fedanom.common.windows import Windows
 from fedanom.server.app import build_app
 from fedanom.simulations.attacks import inject
@@ -68,11 +69,11 @@ def record_outgoing(msg: Message, context: Context, call_next: ClientAppCallable
 def federation(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> Path:
     root = tmp_path_factory.mktemp("federation")
     shutil.copytree(tiny_backbone, root / "base")
-    files = []
+    files: list[Path] = []
     for i in range(3):
         shop = generate_shop(ShopConfig(n_events=2_500 + 1_000 * i, n_users=300, n_items=900), seed=60 + i)
         events = inject(shop, {"scraping-crude": 3}, seed=i)
-        files.append(str(write_taobao_csv(events, root / f"merchant-{i}.csv")))
+        files.append(write_taobao_csv(events, root / f"merchant-{i}.csv"))
         if i == 0:  # the first merchant knows its bots
             bots = events[events.attack != ""].user_id.unique()
             (root / "labels-0.csv").write_text("user_id,label\n" + "".join(f"{u},1\n" for u in bots))
@@ -80,15 +81,18 @@ def federation(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) ->
     spy.mkdir()
     os.environ[SPY_DIR] = str(spy)  # Ray's workers inherit the environment
 
-    client = merchant_app.make_client_app(mods=[record_outgoing])
+    virtual = VirtualMerchants(
+        data=tuple(files),
+        state_root=root / "state",
+        base=root / "base",
+        epsilon=EPSILON,
+        labels=(root / "labels-0.csv", None, None),
+    )
+    client = merchant_app.make_client_app(mods=[record_outgoing], merchants=virtual)
     overrides: dict[str, bool | float | int | str] = {
         "num-server-rounds": 2,
         "min-nodes": 3,
         "base": str(root / "base"),
-        "sim-data": ";".join(files),
-        "sim-preset": "taobao",
-        "sim-labels": f"{root / 'labels-0.csv'};;",
-        "sim-state-root": str(root / "state"),
         "run-dir": str(root / "run"),
         "round-timeout": 300.0,
         "supervised-head": True,
@@ -156,7 +160,7 @@ def test_merchants_without_labels_send_the_head_back_unchanged(federation: Path)
 def test_privacy_accumulates_per_merchant_within_budget(federation: Path) -> None:
     first, second = rounds(federation)
     for node, metrics in second["clients"].items():
-        assert first["clients"][node]["epsilon"] < metrics["epsilon"] <= RUN_DEFAULTS["epsilon"]
+        assert first["clients"][node]["epsilon"] < metrics["epsilon"] <= EPSILON
     for i in range(3):
         ledger = json.loads((federation / "state" / f"merchant-{i}" / "privacy.json").read_text())
         # both rounds' steps are on record (one epoch a round = 1/q steps), kept across stateless ClientApp
@@ -240,16 +244,19 @@ def corrupt_updates(msg: Message, context: Context, call_next: ClientAppCallable
 
 
 def simulate(
-    root: Path, run: str, merchants: list[str], **overrides: bool | float | int | str
+    root: Path,
+    run: str,
+    merchants: list[Path],
+    state: str,
+    epsilon: float = EPSILON,
+    **overrides: bool | float | int | str,
 ) -> list[dict[str, Any]]:
-    client = merchant_app.make_client_app(mods=[corrupt_updates])
+    virtual = VirtualMerchants(tuple(merchants), root / state, root / "base", epsilon)
+    client = merchant_app.make_client_app(mods=[corrupt_updates], merchants=virtual)
     config: dict[str, bool | float | int | str] = {
         "num-server-rounds": 1,
         "min-nodes": len(merchants),
         "base": str(root / "base"),
-        "sim-data": ";".join(merchants),
-        "sim-preset": "taobao",
-        "sim-state-root": str(root / f"state-{run}"),
         "run-dir": str(root / run),
         "round-timeout": 300.0,
         **overrides,
@@ -271,12 +278,10 @@ def test_a_hostile_merchant_is_rejected_with_its_reason_and_the_round_goes_on(fe
     leak.write_text(
         "user_id,item_id,category_id,behavior_type,timestamp\nalice@example.com,4111111111111111,1,pv,soon\n"
     )
-    merchants = [str(federation / f"merchant-{i % 3}.csv") for i in range(7)] + [str(leak)]
+    merchants = [federation / f"merchant-{i % 3}.csv" for i in range(7)] + [leak]
     os.environ[CORRUPT] = "0=nan,1=shape,2=huge,3=nan-count,4=inflated-count"
     try:
-        (log,) = simulate(
-            federation, "poisoned", merchants, **{"sim-state-root": str(federation / "state-poisoned")}
-        )
+        (log,) = simulate(federation, "poisoned", merchants, "state-poisoned")
     finally:
         os.environ.pop(CORRUPT)
     reasons = sorted(r["reason"] for r in log["rejected"])
@@ -294,16 +299,10 @@ def test_a_hostile_merchant_is_rejected_with_its_reason_and_the_round_goes_on(fe
 
 
 def test_a_spent_budget_is_answered_not_overdrawn(federation: Path) -> None:
-    merchants = [str(federation / f"merchant-{i}.csv") for i in range(3)]
-    first = simulate(
-        federation, "budget-1", merchants, epsilon=1.0, **{"sim-state-root": str(federation / "budget")}
-    )
+    merchants = [federation / f"merchant-{i}.csv" for i in range(3)]
+    first = simulate(federation, "budget-1", merchants, "budget", epsilon=1.0)
     assert all(len(r["accepted"]) == 3 for r in first)
-    state: dict[str, bool | float | int | str] = {
-        "sim-state-root": str(federation / "budget"),
-        "num-server-rounds": 2,
-    }
-    resent, refused = simulate(federation, "budget-2", merchants, epsilon=1.0, **state)
+    resent, refused = simulate(federation, "budget-2", merchants, "budget", 1.0, **{"num-server-rounds": 2})
     # round 1 on the same initial adapter: each merchant re-sends the update it already released (free)
     assert len(resent["accepted"]) == 3
     # round 2 needs new training, which the spent budget cannot pay for
