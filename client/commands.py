@@ -113,7 +113,8 @@ def train(
         f"training on {windows.n_windows:,} sessions "
         f"({ingested.report.rows_kept:,} events) of {source.data.name}"
     )
-    report = detector.fit(windows, known, train=settings, ledger=ledger, alert_rate=alert_rate)
+    report = detector.fit(windows, known, train=settings, ledger=ledger, alert_rate=alert_rate).report
+    assert report is not None  # fit leaves its training run's report
     detector.provenance["data"] = source.data.name
     detector.save(out)
     privacy = "no differential privacy"

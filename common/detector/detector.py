@@ -86,6 +86,7 @@ class BehaviourDetector:
         self.score_mix = score_mix
         self.reference = reference
         self.device = device
+        self.report: TrainReport | None = None  # the last `fit`'s training run
 
     @classmethod
     def from_backbone(
@@ -120,8 +121,9 @@ class BehaviourDetector:
         ledger: PrivacyLedger | None = None,
         alert_rate: float = ALERT_RATE,
         validation_fraction: float = VALIDATION_FRACTION,
-    ) -> TrainReport:
-        """Train on the earlier sessions, choose the aggregation and calibrate on the later ones.
+    ) -> BehaviourDetector:
+        """Train on the earlier sessions, choose the aggregation and calibrate on the later ones; the
+        training run's report stays in `self.report`, and the detector is returned, as PyOD's are.
 
         `labels` (optional, 1 = known attack) keep known attacks out of what the sequence model learns,
         out of the feature reference and out of the threshold, and steer the aggregation choice; with a
@@ -165,7 +167,8 @@ class BehaviourDetector:
                 "max_grad_norm": train.max_grad_norm if train.dp else None,
             }
         )
-        return report
+        self.report = report
+        return self
 
     def calibrate(
         self,
