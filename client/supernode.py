@@ -1,10 +1,13 @@
 """A merchant's Flower SuperNode, as `fedanom client` runs it: who the merchant is goes into the node
 config (`client.merchant` reads it in every ClientApp process), and the SuperNode is started again
 while the SuperLink is unreachable or has not admitted the node's key yet, until the merchant gives up.
+Flower's own log lines (the SuperNode's and its ClientApp processes') go to `<state-dir>/supernode.log`;
+the console keeps fedanom's.
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -48,16 +51,21 @@ class SuperNode:
         threads = {"OMP_NUM_THREADS": str(self.threads)} if self.threads > 0 else {}
         environment = flower_environment(**threads)
         own_flower_processes()
+        log_path = state_dir / "supernode.log"
+        print(f"Flower's log: {log_path}", file=sys.stderr, flush=True)
         deadline = time.monotonic() + give_up_after
         while True:
-            code = run_to_end(self.command(config_file), env=environment)
+            with open(log_path, "a") as log:
+                code = run_to_end(
+                    self.command(config_file), env=environment, stdout=log, stderr=subprocess.STDOUT
+                )
             if code in (0, -2, 130):  # finished, or the merchant pressed Ctrl-C
                 return
             if time.monotonic() >= deadline:
                 raise FedanomError(f"the SuperNode kept stopping (last exit code {code}); gave up")
             print(
                 f"the SuperNode stopped (exit code {code}): the SuperLink is unreachable or has not "
-                f"admitted this node's key yet; trying again in {RETRY_SECONDS:g} s",
+                f"admitted this node's key yet (see {log_path}); trying again in {RETRY_SECONDS:g} s",
                 file=sys.stderr,
                 flush=True,
             )

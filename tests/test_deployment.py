@@ -120,8 +120,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, tiny
     try:
         # killed as soon as it has taken round 1's training message: the SuperLink notices the silence
         # after two missed 30 s heartbeats (Flower's fixed interval) while the others train
-        victim_log = root / f"client-{VICTIM}.log"
-        wait_for(lambda: "Receiving: train message" in victim_log.read_text(), 300, "the victim's round 1")
+        victim_log = root / f"state-{VICTIM}" / "supernode.log"  # Flower's lines, kept out of the console
+        wait_for(
+            lambda: victim_log.exists() and "Receiving: train message" in victim_log.read_text(),
+            300,
+            "the victim's round 1",
+        )
         kill(clients[VICTIM])
         assert not (root / f"state-{VICTIM}" / "replies").exists()
         wait_for(lambda: (root / "run" / "round-1" / "adapter.npz").exists(), 300, "round 1")
@@ -153,6 +157,13 @@ def test_the_resumed_run_finishes_without_losing_a_round(deployment: Path) -> No
         assert (deployment / "run" / f"round-{r['round']}" / "adapter.npz").exists()
     assert (deployment / "run" / "global" / "adapter" / "adapter_model.safetensors").exists()
     assert "federation finished: 2 rounds" in (deployment / "server.log").read_text()
+
+
+def test_a_merchants_console_keeps_fedanoms_lines_and_flowers_go_to_its_log(deployment: Path) -> None:
+    for i in range(4):
+        console = (deployment / f"client-{i}.log").read_text()
+        assert "joining the federation" in console and "Receiving" not in console, console[-2000:]
+        assert "Receiving: train message" in (deployment / f"state-{i}" / "supernode.log").read_text()
 
 
 def test_a_merchant_killed_mid_round_leaves_the_round_to_the_others(deployment: Path) -> None:
