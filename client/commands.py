@@ -81,9 +81,8 @@ def train(
     ingested = source.read(default_quarantine=out.with_name(out.name + ".quarantine.csv"), config=session)
     windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
     known = read_labels(labels, windows) if labels else None
-    from fedanom.common.detector.detector import (
-        BehaviourDetector,  # the model stack, once the inputs are good
-    )
+    # the model stack, once the inputs are good
+    from fedanom.common.detector.detector import BehaviourDetector
     from fedanom.common.detector.privacy import PrivacyLedger
 
     detector = BehaviourDetector.from_backbone(

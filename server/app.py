@@ -18,7 +18,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedanom.common.backbone import backbone_hash
 from fedanom.common.detector.artifact import load_backbone
 from fedanom.common.detector.model import attach_lora, trainable_state
 from fedanom.common.errors import FedanomError
@@ -122,7 +121,7 @@ def run_federation(grid: Grid, cfg: Mapping[str, object]) -> None:
                 param.copy_(torch.from_numpy(arrays[name]))
     model.save_pretrained(str(run_dir / "global" / "adapter"))
     meta = {
-        "backbone_hash": backbone_hash(base),
+        "backbone_hash": shipper.hash,  # hashed once, when the run started
         "backbone": str(base),
         "rounds": total_rounds,
         "lora": lora.to_dict(),

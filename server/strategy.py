@@ -11,8 +11,8 @@ example-weighted mean: a merchant's claimed session count is untrusted and must 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -24,6 +24,8 @@ from fedanom.common.records import EVALUATE_METRICS, SCORE_HEAD, to_numpy, to_re
 from fedanom.server.aggregation import Arrays, aggregate, capped_weights
 from fedanom.server.replies import BadReply, evaluate_reply, failure, train_reply
 from fedanom.server.shipping import BackboneShipper
+
+Read = TypeVar("Read")
 
 
 class CheckedFedAvg(FedAvg):
@@ -59,6 +61,25 @@ class CheckedFedAvg(FedAvg):
         addressed = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
         return addressed.get(reply.metadata.reply_to_message_id, SUPERLINK_NODE_ID)
 
+    def read_replies(
+        self, replies: Iterable[Message], reader: Callable[[Message], Read]
+    ) -> tuple[list[tuple[int, Read]], list[dict[str, Any]], list[tuple[int, str]]]:
+        """Each reply read as untrusted input, by merchant: what `reader` made of the usable ones, the
+        failures' fixed words, and why the others could not be used."""
+        read: list[tuple[int, Read]] = []
+        failed: list[dict[str, Any]] = []
+        unreadable: list[tuple[int, str]] = []
+        for msg in replies:
+            node = self.sender(msg)
+            if msg.has_error():
+                failed.append({"node": node, "reason": failure(msg)})
+                continue
+            try:
+                read.append((node, reader(msg)))
+            except BadReply as exc:
+                unreadable.append((node, str(exc)))
+        return read, failed, unreadable
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -86,18 +107,9 @@ class CheckedFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrived = time.monotonic()
-        updates, failed, per_client, unreadable = [], [], {}, []
-        for msg in replies:
-            node = self.sender(msg)
-            if msg.has_error():
-                failed.append({"node": node, "reason": failure(msg)})
-                continue
-            try:
-                update, per_client[str(node)] = train_reply(msg)
-            except BadReply as exc:
-                unreadable.append((node, str(exc)))
-                continue
-            updates.append(update)
+        read, failed, unreadable = self.read_replies(replies, train_reply)
+        updates = [update for _, (update, _) in read]
+        per_client = {str(node): metrics for node, (_, metrics) in read}
         outcome = aggregate(updates, self.current, method=self.method, norm_bound=self.norm_bound)
         rejected = unreadable + outcome.rejected
         accepted = [u for u in updates if u.node in outcome.weights]
@@ -136,17 +148,9 @@ class CheckedFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Every merchant's validation metrics, and their example-weighted means."""
         self.record["seconds"]["evaluate_round_trip"] = time.monotonic() - self.clock["evaluate_sent"]
-        per_client: dict[str, dict[str, float]] = {}
-        failed, rejected = [], []
-        for msg in replies:
-            node = self.sender(msg)
-            if msg.has_error():
-                failed.append({"node": node, "reason": failure(msg)})
-                continue
-            try:
-                per_client[str(node)] = evaluate_reply(msg)
-            except BadReply as exc:
-                rejected.append({"node": node, "reason": str(exc)})
+        read, failed, unreadable = self.read_replies(replies, evaluate_reply)
+        per_client = {str(node): metrics for node, metrics in read}
+        rejected = [{"node": node, "reason": reason} for node, reason in unreadable]
         combined: dict[str, float] = {}
         for key in EVALUATE_METRICS[1:]:  # weighted as training is: no claimed count decides alone
             reported = [m for m in per_client.values() if key in m]
