@@ -8,8 +8,6 @@ injectors ship human-mimicking variants precisely so that these alone cannot win
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from fedanom.common.events import EVENT_CODE, EVENT_TYPES
@@ -107,60 +105,3 @@ def _category_entropy(cats: np.ndarray, window_of: np.ndarray, n_windows: int) -
     totals = np.bincount(windows, weights=counts, minlength=n_windows)
     p = counts / np.maximum(totals[windows], 1)
     return np.bincount(windows, weights=-p * np.log2(p), minlength=n_windows)
-
-
-REFERENCE_QUANTILES = 1001  # a shop's reference keeps this many quantiles of each feature, not its sessions
-
-
-class FeatureReference:
-    """How far into the tails of this shop's own sessions a session's features lie.
-
-    The statistic is ECOD's (Li et al., 2022): per feature, the empirical probability of a value at least
-    this low (left) and at least this high (right); a session's feature surprise is the larger of the two
-    tails' sums of -log probability, in nats like the model's event surprise. It is computed against
-    quantiles of the merchant's normal training sessions kept in its detector, so a session's features
-    are not ranked against the rest of the scored batch (PyOD's ECOD ranks each batch together with its
-    training data; only `frac_rare_items` here moves with the scored file, through item popularity).
-    Like item popularity it describes one shop and never leaves the merchant. It sees what rate features see
-    directly (60 events a minute), where the sequence model sees order and context."""
-
-    def __init__(self, quantiles: np.ndarray) -> None:
-        self.quantiles = quantiles  # float64 [REFERENCE_QUANTILES, n_features], ascending per column
-
-    @classmethod
-    def fit(cls, features: np.ndarray) -> FeatureReference:
-        grid = np.linspace(0.0, 1.0, REFERENCE_QUANTILES)
-        return cls(np.quantile(features.astype(np.float64), grid, axis=0))
-
-    def tails(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """-log P(value <= x) and -log P(value >= x) of every feature of every session ([n, n_features])."""
-        q, n = self.quantiles, len(self.quantiles)
-        columns = range(q.shape[1])
-        at_most = np.stack([np.searchsorted(q[:, j], features[:, j], "right") for j in columns], 1)
-        at_least = n - np.stack([np.searchsorted(q[:, j], features[:, j], "left") for j in columns], 1)
-        return -np.log((at_most + 1) / (n + 1)), -np.log((at_least + 1) / (n + 1))
-
-    def surprise(self, features: np.ndarray) -> np.ndarray:
-        """Feature surprise per session (nats, higher = more unusual for this shop)."""
-        low, high = self.tails(features)
-        return np.maximum(low.sum(1), high.sum(1))
-
-    def describe(self, features: np.ndarray) -> list[tuple[float, str]]:
-        """(nats, words) for every feature of one session ([n_features]), on its more unusual side."""
-        low, high = (side[0] for side in self.tails(features[None, :]))
-        out = []
-        for j, name in enumerate(FEATURE_NAMES):
-            higher = high[j] >= low[j]
-            nats = float(high[j] if higher else low[j])
-            share = 1.0 - float(np.exp(-nats))
-            side = "higher" if higher else "lower"
-            out.append((nats, f"{name} {features[j]:.3g}, {side} than {share:.1%} of this shop's sessions"))
-        return out
-
-    def save(self, path: str | Path) -> None:
-        np.savez_compressed(path, quantiles=self.quantiles)
-
-    @classmethod
-    def load(cls, path: str | Path) -> FeatureReference:
-        with np.load(path) as data:
-            return cls(data["quantiles"])

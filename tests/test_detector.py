@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import re
 import shutil
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import skops.io
 import torch
 from peft import PeftModel
 from sklearn.ensemble import IsolationForest
@@ -23,6 +26,7 @@ from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.evidence import MIN_KNOWN_TO_CHOOSE, choose_kinds
 from fedanom.common.detector.model import build_backbone, next_token_nll, pad_batch
 from fedanom.common.detector.privacy import PrivacyLedger
+from fedanom.common.detector.reference import FeatureReference
 from fedanom.common.errors import FedanomError
 from fedanom.common.features import FEATURE_NAMES
 from fedanom.common.ingest import ingest
@@ -127,6 +131,25 @@ def test_artifact_round_trip_gives_the_same_scores(fitted: Fitted, tmp_path: Pat
     )
 
 
+def test_the_feature_reference_scores_what_this_shop_rarely_shows(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    shop = rng.lognormal(size=(2_000, len(FEATURE_NAMES)))
+    reference = FeatureReference.fit(shop)
+    own = reference.surprise(shop)
+    typical = np.median(shop, axis=0, keepdims=True)
+    extreme = typical.copy()
+    extreme[0, :8] = shop[:, :8].max(0) * 10  # far above every session of the shop on eight features
+    together = reference.surprise(np.vstack([typical, extreme]))
+    assert together[0] < np.median(own) and together[1] > own.max()
+    assert reference.surprise(extreme)[0] == together[1]  # the same, whatever is scored with it
+    words = reference.describe(extreme[0])
+    assert max(words)[1].startswith(f"{FEATURE_NAMES[0]} ") or "higher than 99.9%" in max(words)[1]
+    reference.save(tmp_path)
+    again = FeatureReference.load(tmp_path)
+    np.testing.assert_array_equal(again.surprise(shop), own)
+    np.testing.assert_array_equal(again.quantiles, reference.quantiles)
+
+
 def test_adapter_loads_with_plain_peft(fitted: Fitted, tmp_path: Path) -> None:
     fitted.detector.save(tmp_path / "det")
     plain = PeftModel.from_pretrained(
@@ -168,6 +191,7 @@ def test_tampered_adapter_is_refused(fitted: Fitted, tmp_path: Path) -> None:
         ("plant a pickle", "adapter_model.bin is not in the detector's checksums.sha256: refused, unread"),
         ("drop an entry, then edit", "adapter_model.safetensors is not in the detector's checksums.sha256"),
         ("delete a file", "popularity.npz is missing from the detector"),
+        ("plant a forest, rewrite the manifest", "forest.skops is not an isolation forest fedanom wrote"),
     ],
 )
 def test_the_manifest_covers_every_file_of_the_detector(
@@ -182,6 +206,11 @@ def test_the_manifest_covers_every_file_of_the_detector(
         (detector / "detector.json").write_text(json.dumps(spec))
     elif tamper == "plant a pickle":
         (detector / "adapter" / "adapter_model.bin").write_bytes(pickle.dumps({"payload": 1}))
+    elif tamper == "plant a forest, rewrite the manifest":  # skops loads no type it was not told to
+        skops.io.dump({"payload": Fraction(1, 3)}, detector / "forest.skops")
+        digest = hashlib.sha256((detector / "forest.skops").read_bytes()).hexdigest()
+        lines = manifest.read_text().splitlines(keepends=True)
+        manifest.write_text("".join(f"{digest}  forest.skops\n" if "forest" in x else x for x in lines))
     elif tamper == "drop an entry, then edit":
         lines = manifest.read_text().splitlines(keepends=True)
         manifest.write_text("".join(line for line in lines if "safetensors" not in line))

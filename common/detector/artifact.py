@@ -6,6 +6,7 @@
       adapter/           peft `save_pretrained` output (adapter_config.json, adapter_model.safetensors)
       popularity.npz     this shop's item popularity counts (hashed ids; never leaves the merchant)
       reference.npz      quantiles of this shop's session features (never leaves the merchant)
+      forest.skops       the isolation forest over them that scores sessions (never leaves the merchant)
       checksums.sha256   every other file's SHA-256, detector.json's too (`sha256sum -c` reads it)
 
 A backbone directory is `save_pretrained` output plus `fedanom-backbone.json` with its content hash.
@@ -30,11 +31,11 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from fedanom.common.backbone import BACKBONE_META, backbone_hash, content_hash, sha256_file, weight_files
 from fedanom.common.detector.model import add_anomaly_head
+from fedanom.common.detector.reference import FeatureReference
 from fedanom.common.errors import FedanomError
-from fedanom.common.features import FeatureReference
 from fedanom.common.tokens import VOCAB_SIZE, VOCAB_VERSION, Popularity
 
-DETECTOR_FORMAT = "fedanom-detector/3"
+DETECTOR_FORMAT = "fedanom-detector/4"
 MANIFEST = "checksums.sha256"
 QUANTILE_LEVELS = np.linspace(0.0, 1.0, 1001)
 
@@ -131,7 +132,7 @@ def save_detector(
     staging.mkdir(parents=True)
     model.save_pretrained(str(staging / "adapter"))
     popularity.save(staging / "popularity.npz")
-    reference.save(staging / "reference.npz")
+    reference.save(staging)
     (staging / "detector.json").write_text(json.dumps(asdict(spec), indent=2))
     files = sorted(p for p in staging.rglob("*") if p.is_file())
     lines = [f"{sha256_file(p)}  {p.relative_to(staging).as_posix()}\n" for p in files]
@@ -206,7 +207,7 @@ def load_detector(
         add_anomaly_head(backbone)
     model = PeftModel.from_pretrained(backbone, directory / "adapter")
     popularity = Popularity.load(directory / "popularity.npz")
-    return model.to(device), spec, popularity, FeatureReference.load(directory / "reference.npz")
+    return model.to(device), spec, popularity, FeatureReference.load(directory)
 
 
 def relative_or_absolute(target: Path, start: Path) -> str:

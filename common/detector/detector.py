@@ -6,12 +6,12 @@ session-score aggregation and the alert threshold on the later (validation) ones
 
 A session's score adds up to three kinds of evidence, each standardised on the merchant's normal
 validation sessions so that none drowns the others: the sequence model's surprise (context and events),
-the shop's feature reference (how far into its tails the session's features lie), and the federated
+the shop's feature reference (an isolation forest over its normal sessions' features), and the federated
 anomaly head where the federation trains one. The sequence model sees order and context, the reference
-sees rates directly. Which one wins depends on the shop (on REES46 the features, on the click-only
-YOOCHOOSE and DIGINETICA the sequence); together they beat both feature baselines' AUPRC on all three
-(BENCHMARKS.md, session 7). A merchant whose validation sessions hold enough known attacks sums only the
-kinds that rank them best there, as it chooses the event aggregation.
+sees rates and their combinations directly. Which one wins depends on the shop (on REES46 the features,
+on the click-only YOOCHOOSE and DIGINETICA the sequence); together they beat both feature baselines'
+AUPRC on all three (BENCHMARKS.md, sessions 7 and 13). A merchant whose validation sessions hold enough
+known attacks sums only the kinds that rank them best there, as it chooses the event aggregation.
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ from fedanom.common.detector.evidence import (
 )
 from fedanom.common.detector.model import architecture_of, attach_lora, pick_device
 from fedanom.common.detector.privacy import PrivacyLedger
+from fedanom.common.detector.reference import FeatureReference
 from fedanom.common.detector.scoring import AGGREGATIONS, Surprise, aggregate, event_surprise, explain
 from fedanom.common.detector.training import TrainReport, train_model
 from fedanom.common.errors import FedanomError
-from fedanom.common.features import FeatureReference
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.settings import ALERT_RATE, EPSILON, LoraSettings, TrainSettings
 from fedanom.common.tokens import Popularity
@@ -189,7 +189,7 @@ class BehaviourDetector:
         normal = ~labels.astype(bool) if labels is not None else np.ones(validation.n_windows, bool)
         if not normal.any():
             raise FedanomError("no normal validation sessions to calibrate the threshold on")
-        self.reference = FeatureReference.fit(training.features)
+        self.reference = FeatureReference.fit(training.features, seed=self.lora.seed)
         surprise = event_surprise(self.model, validation, device=self.device)
         self.aggregation = self._choose_aggregation(surprise, validation, labels)
         evidence = self.evidence(surprise, validation)
@@ -267,7 +267,7 @@ class BehaviourDetector:
         no_head = not self.lora.supervised_head  # nothing to check: spare the pass over the training period
         if no_head or labels is None or labels.sum() < MIN_KNOWN_TO_CHOOSE or labels.all():
             return None
-        self.reference = FeatureReference.fit(normal.features)  # calibrate fits the same one again
+        self.reference = FeatureReference.fit(normal.features, seed=self.lora.seed)  # calibrate fits it again
         check = self.head_auprc(self.surprise(fit_part), fit_part, labels)
         return check is None or check[0] >= check[1]
 

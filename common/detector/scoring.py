@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fedanom.common.detector.model import forward, pad_batch
-from fedanom.common.features import FeatureReference
+from fedanom.common.detector.reference import FeatureReference
 from fedanom.common.tokens import CONTEXT, decode, describe_context
 from fedanom.common.windows import Windows
 

@@ -1,0 +1,88 @@
+"""The shop's feature reference: how unusual a session's features are among this shop's own normal sessions.
+
+Two parts, both fit on the merchant's normal training sessions and kept in its detector; like item
+popularity they describe one shop and never leave the merchant:
+
+- an isolation forest (Liu et al., 2008; scikit-learn's) over the session features scores them. It sees
+  combinations (many items in little time, carts without views) that no single feature's tail shows.
+  Measured on four real exports with injected bots, one DP fit per export and seed, it took the
+  detector's test AUPRC where ECOD's per-feature tail sum had been the score's feature kind from
+  0.50-0.60 to 0.65-0.68 on DIGINETICA and from 0.26-0.33 to 0.44-0.49 on YOOCHOOSE, and held REES46 and
+  Taobao (BENCHMARKS.md, session 13);
+- quantiles of each feature put the explanation into words ("events_per_min 61, higher than 99.9% of this
+  shop's sessions").
+
+The forest's trees travel as a skops file, which loads only the types named here: a planted file cannot
+run code the way a pickle can.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import skops.io
+from sklearn.ensemble import IsolationForest
+
+from fedanom.common.errors import FedanomError
+from fedanom.common.features import FEATURE_NAMES
+
+QUANTILES = 1001  # a shop's reference keeps this many quantiles of each feature, not its sessions
+FOREST_TYPES = ["sklearn.tree._tree.Tree"]  # beyond skops' own trusted defaults: the forest's trees
+
+
+class FeatureReference:
+    """The isolation forest that scores a session's features and the quantiles that explain them."""
+
+    def __init__(self, quantiles: np.ndarray, forest: IsolationForest) -> None:
+        self.quantiles = quantiles  # float64 [QUANTILES, n_features], ascending per column
+        self.forest = forest
+
+    @classmethod
+    def fit(cls, features: np.ndarray, seed: int = 0) -> FeatureReference:
+        grid = np.linspace(0.0, 1.0, QUANTILES)
+        forest = IsolationForest(random_state=seed).fit(features.astype(np.float32))
+        return cls(np.quantile(features.astype(np.float64), grid, axis=0), forest)
+
+    def surprise(self, features: np.ndarray) -> np.ndarray:
+        """Feature surprise per session: the forest's anomaly score (higher = more unusual for this shop;
+        about 0.5 for a typical session, towards 1 for one that is isolated in a few splits)."""
+        return -self.forest.score_samples(features.astype(np.float32))
+
+    def tails(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """-log P(value <= x) and -log P(value >= x) of every feature of every session ([n, n_features])."""
+        q, n = self.quantiles, len(self.quantiles)
+        columns = range(q.shape[1])
+        at_most = np.stack([np.searchsorted(q[:, j], features[:, j], "right") for j in columns], 1)
+        at_least = n - np.stack([np.searchsorted(q[:, j], features[:, j], "left") for j in columns], 1)
+        return -np.log((at_most + 1) / (n + 1)), -np.log((at_least + 1) / (n + 1))
+
+    def describe(self, features: np.ndarray) -> list[tuple[float, str]]:
+        """(nats, words) for every feature of one session ([n_features]), on its more unusual side."""
+        low, high = (side[0] for side in self.tails(features[None, :]))
+        out = []
+        for j, name in enumerate(FEATURE_NAMES):
+            higher = high[j] >= low[j]
+            nats = float(high[j] if higher else low[j])
+            share = 1.0 - float(np.exp(-nats))
+            side = "higher" if higher else "lower"
+            out.append((nats, f"{name} {features[j]:.3g}, {side} than {share:.1%} of this shop's sessions"))
+        return out
+
+    def save(self, directory: Path) -> None:
+        """`reference.npz` (the quantiles) and `forest.skops` (the isolation forest) in `directory`."""
+        np.savez_compressed(directory / "reference.npz", quantiles=self.quantiles)
+        skops.io.dump(self.forest, directory / "forest.skops", compression=zipfile.ZIP_DEFLATED)
+
+    @classmethod
+    def load(cls, directory: Path) -> FeatureReference:
+        path = directory / "forest.skops"
+        try:
+            forest = skops.io.load(path, trusted=FOREST_TYPES)
+        except Exception as exc:  # skops names what it refused; any failure means the file is not ours
+            raise FedanomError(f"{path} is not an isolation forest fedanom wrote ({exc})") from None
+        if not isinstance(forest, IsolationForest):
+            raise FedanomError(f"{path} holds a {type(forest).__name__}, not an isolation forest")
+        with np.load(directory / "reference.npz") as data:
+            return cls(data["quantiles"], forest)
