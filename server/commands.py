@@ -35,6 +35,7 @@ from fedanom.common.settings import (
 from fedanom.common.windows import Windows
 from fedanom.options import DataSource, DeviceOption, data_options, err, file_and_preset
 from fedanom.server.aggregation import AGGREGATORS
+from fedanom.server.checkpoints import RoundProgress
 from fedanom.server.superlink import Listener, RunConfig, run_on_superlink
 
 
@@ -138,7 +139,8 @@ def server(
         "supervised-head": supervised_head,
     }
     listener = Listener(host, port, None if plain else (certificates or Path()).resolve())
-    finished = run_on_superlink(listener, run_dir, values, node_keys or [])
+    progress = RoundProgress(run_dir, rounds, typer.echo)
+    finished = run_on_superlink(listener, run_dir, values, node_keys or [], progress)
     rounds_log = run_dir / "rounds.jsonl"
     if finished != 0 or not (run_dir / "global" / "adapter").exists():
         raise FedanomError(f"the federated run did not finish; see {run_dir / 'superlink.log'}")

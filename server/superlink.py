@@ -9,6 +9,8 @@ FLWR_HOME=<run-dir>/flwr-home), waits for it and stops the SuperLink with everyt
 from __future__ import annotations
 
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -88,8 +90,11 @@ def register_node(public_key: Path, env: dict[str, str], log: IO[str]) -> None:
         raise FedanomError(f"the SuperLink refused the node key {public_key}; see {log.name}")
 
 
-def run_on_superlink(listener: Listener, run_dir: Path, values: RunConfig, node_keys: list[Path]) -> int:
-    """The whole run on a fresh SuperLink; its log goes to <run-dir>/superlink.log. `flwr run`'s exit code."""
+def run_on_superlink(
+    listener: Listener, run_dir: Path, values: RunConfig, node_keys: list[Path], watch: Callable[[], None]
+) -> int:
+    """The whole run on a fresh SuperLink; its log goes to <run-dir>/superlink.log. `flwr run`'s exit code.
+    `watch` is called every second while the run lasts (the console's round progress), and once after."""
     (run_dir / "app").mkdir(parents=True, exist_ok=True)
     (run_dir / "app" / "pyproject.toml").write_text(app_pyproject())
     home = run_dir / "flwr-home"
@@ -113,8 +118,11 @@ def run_on_superlink(listener: Listener, run_dir: Path, values: RunConfig, node_
                 flush=True,
             )
             flwr_run = ["flwr", "run", str(run_dir / "app"), CONNECTION, "--run-config", str(run_config)]
-            return subprocess.run(
-                [*flwr_run, "--stream"], env=env, stdout=log, stderr=subprocess.STDOUT
-            ).returncode
+            run = subprocess.Popen([*flwr_run, "--stream"], env=env, stdout=log, stderr=subprocess.STDOUT)
+            while run.poll() is None:
+                watch()
+                time.sleep(1.0)
+            watch()
+            return run.returncode
         finally:
             stop_descendants()  # the SuperLink, and what it started

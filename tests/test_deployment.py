@@ -156,7 +156,13 @@ def test_the_resumed_run_finishes_without_losing_a_round(deployment: Path) -> No
         assert len(r["accepted"]) == 3 and r["rejected"] == [] and r["backbone_failed"] == []
         assert (deployment / "run" / f"round-{r['round']}" / "adapter.npz").exists()
     assert (deployment / "run" / "global" / "adapter" / "adapter_model.safetensors").exists()
-    assert "federation finished: 2 rounds" in (deployment / "server.log").read_text()
+    console = (deployment / "server.log").read_text()
+    assert "federation finished: 2 rounds" in console
+    # each run's console names the rounds it completed: round 1 with the victim's failure, then the
+    # resumed run's round 2 (the first run's round-2 work, cut short by the kill, is not reported)
+    progress = [line for line in console.splitlines() if line.startswith("round ")]
+    assert progress[0].startswith("round 1 of 2: 3 updates accepted, 0 rejected, 1 merchant failed (")
+    assert progress[1:] == [progress[-1]] and progress[-1].startswith("round 2 of 2: 3 updates accepted")
 
 
 def test_a_merchants_console_keeps_fedanoms_lines_and_flowers_go_to_its_log(deployment: Path) -> None:
