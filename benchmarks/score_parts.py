@@ -20,8 +20,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from pyod.models.ecod import ECOD
-from pyod.models.iforest import IForest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from fedanom.common.detector.detector import BehaviourDetector
@@ -29,6 +27,7 @@ from fedanom.common.detector.privacy import PrivacyLedger
 from fedanom.common.detector.scoring import aggregate
 from fedanom.common.settings import BackboneConfig, LoraSettings, TrainSettings
 from fedanom.common.windows import Windows
+from fedanom.simulations.baselines import BASELINES
 from fedanom.simulations.commands import _pretrain
 from fedanom.simulations.compare import load_sessions
 from fedanom.simulations.scenario import prepare, real_shops
@@ -73,10 +72,7 @@ def parts(shop: str, seed: int, work: Path, args: argparse.Namespace) -> None:
         for k, v in validation.items()
     )
     scores = {
-        "isolation-forest": IForest(random_state=seed)
-        .fit(s.train.features)
-        .decision_function(s.test.features),
-        "ecod": ECOD().fit(s.train.features).decision_function(s.test.features),
+        **{name: make(seed).fit(s.train).decision_function(s.test) for name, make in BASELINES.items()},
         "mean event surprise": events,
         "sequence (context + events)": sequence,
         "feature reference": kinds["features"],

@@ -7,7 +7,8 @@
 - `local-only`: each merchant trains alone, with DP at the same ε, for as many epochs as the rounds.
 - `centralized`: all merchants' training sessions pooled on one machine, no DP (what privacy forbids).
 - `pretrained-only`: the public backbone as it is, no adapter training: what any training adds.
-- `isolation-forest`, `ecod`: per merchant, on the session features (no sequence model).
+- `isolation-forest`, `ecod`: PyOD's, per merchant, on the session features (no sequence model), fitted
+  on its training sessions.
 
 Every method sees the same sessions: the merchant's pre-cut events split 85/15 in time into training and
 validation (as the ClientApp splits them), and its post-cut test events. Every trained sequence method
@@ -44,13 +45,8 @@ from fedanom.common.settings import RUN_DEFAULTS, LoraSettings, TrainSettings
 from fedanom.common.tokens import Popularity
 from fedanom.common.windows import Windows
 from fedanom.server.app import build_app
-from fedanom.simulations.evaluation import (
-    alert_threshold,
-    detection_metrics,
-    ecod_scores,
-    isolation_forest_scores,
-    validation_threshold,
-)
+from fedanom.simulations.baselines import BASELINES
+from fedanom.simulations.evaluation import alert_threshold, detection_metrics, validation_threshold
 from fedanom.simulations.scenario import MerchantData
 
 METHODS = (
@@ -131,11 +127,10 @@ def run_all(
         elif method == "pretrained-only":
             scores = [pretrained(s, base, seed) for s in sessions]
         else:
-            baseline = isolation_forest_scores if method == "isolation-forest" else ecod_scores
             scores = []
             for s in sessions:
-                val, test = baseline(s.train.features, s.validation.features, s.test.features)
-                scores.append((val, test))
+                baseline = BASELINES[method](seed).fit(s.train)
+                scores.append((baseline.decision_function(s.validation), baseline.decision_function(s.test)))
         result.scores[method] = scores
     return result
 

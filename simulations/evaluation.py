@@ -1,9 +1,8 @@
-"""Detection metrics and the feature baselines, the same for every method a simulation compares.
+"""Detection metrics, the same for every method a simulation compares.
 
 Rules (DESIGN.md): per merchant, a chronological train / validation / test split; the threshold is
 chosen on validation only (the F1-best one, as a researcher with validation labels would); no point
-adjustment: every test session counts once. Recall at 1% FPR reads the test ROC curve itself. The
-feature baselines are PyOD's IsolationForest and ECOD, fitted on each merchant's training sessions.
+adjustment: every test session counts once. Recall at 1% FPR reads the test ROC curve itself.
 """
 
 from __future__ import annotations
@@ -11,8 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from pyod.models.ecod import ECOD
-from pyod.models.iforest import IForest
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from fedanom.common.settings import ALERT_RATE
@@ -71,15 +68,3 @@ def detection_metrics(
 def _recall_at_1pct_fpr(labels: np.ndarray, scores: np.ndarray) -> float:
     fpr, tpr, _ = roc_curve(labels, scores)
     return float(np.interp(0.01, fpr, tpr))
-
-
-def isolation_forest_scores(train: np.ndarray, *others: np.ndarray, seed: int = 0) -> list[np.ndarray]:
-    forest = IForest(random_state=seed).fit(train)
-    return [forest.decision_function(x) for x in others]
-
-
-def ecod_scores(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-    """ECOD (Li et al., 2022), PyOD's: how far into the tails of the training sessions' per-feature
-    distributions a session lies."""
-    ecod = ECOD().fit(train)
-    return [ecod.decision_function(x) for x in others]
