@@ -145,11 +145,11 @@ def score(
     device: DeviceOption = None,
 ) -> None:
     """Score every session of a file: id, user, score, rank, flag (and why, with --explain)."""
-    from fedanom.common.detector.detector import BehaviourDetector
-    from fedanom.common.detector.scores import score_ingested
-
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise FedanomError(f"--out {out} must end in .csv or .parquet")
+    from fedanom.common.detector.detector import BehaviourDetector  # the model stack, once --out is good
+    from fedanom.common.detector.scores import score_ingested
+
     detector = BehaviourDetector.load(model, device)
     threshold = detector.threshold(alert_rate)
     ingested = source.read(

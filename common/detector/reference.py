@@ -22,7 +22,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import skops.io
 from sklearn.ensemble import IsolationForest
 
 from fedanom.common.errors import FedanomError
@@ -72,11 +71,15 @@ class FeatureReference:
 
     def save(self, directory: Path) -> None:
         """`reference.npz` (the quantiles) and `forest.skops` (the isolation forest) in `directory`."""
+        import skops.io  # about a second of sklearn imports: only where a detector is written or read
+
         np.savez_compressed(directory / "reference.npz", quantiles=self.quantiles)
         skops.io.dump(self.forest, directory / "forest.skops", compression=zipfile.ZIP_DEFLATED)
 
     @classmethod
     def load(cls, directory: Path) -> FeatureReference:
+        import skops.io
+
         path = directory / "forest.skops"
         try:
             forest = skops.io.load(path, trusted=FOREST_TYPES)
