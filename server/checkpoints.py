@@ -7,6 +7,7 @@ round.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,16 +29,18 @@ def write_round(run_dir: Path, completed_round: int, record: dict[str, Any], arr
         fh.write(json.dumps(summary) + "\n")
 
 
+def completed_rounds(run_dir: Path) -> list[int]:
+    """The rounds whose checkpoint is complete (their adapter written), in order."""
+    return sorted(int(p.parent.name.split("-")[1]) for p in run_dir.glob("round-*/adapter.npz"))
+
+
 def last_checkpoint(run_dir: Path) -> tuple[int, Arrays] | None:
     """The last completed round and its global adapter, if this run has checkpoints."""
-    rounds = sorted(
-        (int(p.name.split("-")[1]), p) for p in run_dir.glob("round-*") if (p / "adapter.npz").exists()
-    )
+    rounds = completed_rounds(run_dir)
     if not rounds:
         return None
-    k, path = rounds[-1]
-    with np.load(path / "adapter.npz") as data:
-        return k, {name: data[name] for name in data.files}
+    with np.load(run_dir / f"round-{rounds[-1]}" / "adapter.npz") as data:
+        return rounds[-1], {name: data[name] for name in data.files}
 
 
 def rewrite_round_log(run_dir: Path, completed: int) -> None:
@@ -48,42 +51,61 @@ def rewrite_round_log(run_dir: Path, completed: int) -> None:
         for k in range(1, completed + 1)
         if (run_dir / f"round-{k}" / "metrics.json").exists()
     ]
-    (run_dir / "rounds.jsonl").write_text("".join(line + "\n" for line in lines))
+    partial = run_dir / "rounds.jsonl.partial"
+    partial.write_text("".join(line + "\n" for line in lines))
+    os.replace(partial, run_dir / "rounds.jsonl")  # whoever reads the log never sees half of it
 
 
 class RoundProgress:
     """One console line per completed round, read from rounds.jsonl while `flwr run` works in other
     processes: which round of how many, what became of the merchants' updates, the time so far and
-    about how much is left (at this run's pace so far)."""
+    about how much is left. Rounds are told by their number, so a log rewritten on resumption repeats
+    nothing; the pace is the first round's time (start-up included) until later rounds give their own."""
 
-    def __init__(self, run_dir: Path, total: int, echo: Callable[[str], None]) -> None:
+    def __init__(self, run_dir: Path, total: int, echo: Callable[[str], None], *, resumed: bool) -> None:
         self.log, self.total, self.echo = run_dir / "rounds.jsonl", total, echo
+        rounds = completed_rounds(run_dir) if resumed else []
+        self.reported = rounds[-1] if rounds else 0  # what a resumed run had done before is not news
         self.started = time.monotonic()
-        self.seen = len(self._complete_lines())  # a resumed run's earlier rounds are not news
+        self.first_reported: float | None = None
         self.new = 0
 
-    def _complete_lines(self) -> list[str]:
-        text = self.log.read_text() if self.log.exists() else ""
-        return text.split("\n")[:-1]  # a line still being written has no newline yet
-
     def __call__(self) -> None:
-        lines = self._complete_lines()
-        self.seen = min(self.seen, len(lines))  # a resumed run rewrites the log to its checkpoints
-        for line in lines[self.seen :]:
-            record = json.loads(line)
-            self.new += 1
-            elapsed = time.monotonic() - self.started
-            left = elapsed / self.new * (self.total - record["round"])
-            failed = sorted({failure["reason"] for failure in record["failed"]})
+        for record in self._records():
+            if record["round"] <= self.reported:
+                continue
+            self.reported, self.new, now = record["round"], self.new + 1, time.monotonic()
+            if self.first_reported is None:
+                self.first_reported, pace = now, now - self.started
+            else:
+                pace = (now - self.first_reported) / (self.new - 1)
+            failures = record.get("failed", []) + record.get("backbone_failed", [])
+            reasons = sorted({str(failure.get("reason")) for failure in failures})
             self.echo(
-                f"round {record['round']} of {self.total}: {len(record['accepted'])} updates accepted, "
-                f"{len(record['rejected'])} rejected, {len(record['failed'])} "
-                f"merchant{'s' * (len(record['failed']) != 1)} failed"
-                + (f" ({', '.join(failed)})" if failed else "")
-                + f"; {_duration(elapsed)} so far"
-                + (f", about {_duration(left)} left" if record["round"] < self.total else "")
+                f"round {record['round']} of {self.total}: {len(record.get('accepted', []))} updates "
+                f"accepted, {len(record.get('rejected', []))} rejected, {len(failures)} "
+                f"merchant{'s' * (len(failures) != 1)} failed"
+                + (f" ({', '.join(reasons)})" if reasons else "")
+                + f"; {_duration(now - self.started)} so far"
+                + (
+                    f", about {_duration(pace * (self.total - self.reported))} left"
+                    if self.reported < self.total
+                    else ""
+                )
             )
-        self.seen = len(lines)
+
+    def _records(self) -> list[dict[str, Any]]:
+        """The log's whole lines that read as round records (a line still being written has no newline)."""
+        text = self.log.read_text() if self.log.exists() else ""
+        records = []
+        for line in text.split("\n")[:-1]:
+            try:
+                record = json.loads(line)
+                record["round"] = int(record["round"])
+            except (ValueError, KeyError, TypeError):
+                continue  # the console's progress is no reason to stop a run
+            records.append(record)
+        return records
 
 
 def _duration(seconds: float) -> str:

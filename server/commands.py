@@ -139,7 +139,7 @@ def server(
         "supervised-head": supervised_head,
     }
     listener = Listener(host, port, None if plain else (certificates or Path()).resolve())
-    progress = RoundProgress(run_dir, rounds, typer.echo)
+    progress = RoundProgress(run_dir, rounds, typer.echo, resumed=resume)
     finished = run_on_superlink(listener, run_dir, values, node_keys or [], progress)
     rounds_log = run_dir / "rounds.jsonl"
     if finished != 0 or not (run_dir / "global" / "adapter").exists():

@@ -16,6 +16,7 @@ from flwr.server.superlink.linkstate.utils import create_message_error_unavailab
 
 from fedanom.common.records import FAILURES, MERCHANT_SETUP
 from fedanom.server.aggregation import AGGREGATORS, IMPLAUSIBLE, WEIGHT_CAP, Update, aggregate
+from fedanom.server.checkpoints import RoundProgress, rewrite_round_log, write_round
 from fedanom.server.replies import BadReply, evaluate_reply, failure, train_reply
 from fedanom.server.shipping import BackboneShipper
 from fedanom.server.strategy import CheckedFedAvg
@@ -222,3 +223,33 @@ def test_a_merchant_that_went_away_is_logged_by_its_own_node_id(tiny_backbone: P
     gone = create_message_error_unavailable_res_message(instruction.metadata, "node_unavail")
     strategy.aggregate_train(1, [gone])
     assert strategy.record["failed"] == [{"node": 4242, "reason": "node unavailable"}]
+
+
+def test_the_operator_sees_each_round_once_even_when_a_resumed_run_rewrites_the_log(tmp_path: Path) -> None:
+    def record(k: int, failed: int = 0) -> dict[str, object]:
+        reasons = [{"node": n, "reason": "node unavailable"} for n in range(failed)]
+        return {"round": k, "accepted": [7, 8], "rejected": [], "failed": reasons, "backbone_failed": []}
+
+    write_round(tmp_path, 1, record(1, failed=1), {"w": np.zeros(2)})
+    lines: list[str] = []
+    progress = RoundProgress(tmp_path, 3, lines.append, resumed=True)  # round 1 was done before
+    rewrite_round_log(tmp_path, 1)  # what a resumed ServerApp does first
+    with open(tmp_path / "rounds.jsonl", "a") as log:
+        log.write('{"round": 2, "acc')  # a line still being written
+    progress()
+    assert lines == []
+    rewrite_round_log(tmp_path, 1)
+    write_round(tmp_path, 2, record(2, failed=2), {"w": np.zeros(2)})
+    progress()
+    progress()
+    assert len(lines) == 1 and lines[0].startswith(
+        "round 2 of 3: 2 updates accepted, 0 rejected, 2 merchants"
+    )
+    assert "(node unavailable)" in lines[0] and lines[0].endswith(" left")
+    write_round(tmp_path, 3, record(3), {"w": np.zeros(2)})
+    progress()
+    assert lines[1].startswith("round 3 of 3: 2 updates accepted, 0 rejected, 0 merchants failed;")
+    assert not lines[1].endswith(" left")
+    fresh: list[str] = []
+    RoundProgress(tmp_path, 3, fresh.append, resumed=False)()  # a fresh run reports whatever it writes
+    assert [line.split(":")[0] for line in fresh] == ["round 1 of 3", "round 2 of 3", "round 3 of 3"]

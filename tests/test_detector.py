@@ -148,6 +148,12 @@ def test_the_feature_reference_scores_what_this_shop_rarely_shows(tmp_path: Path
     again = FeatureReference.load(tmp_path)
     np.testing.assert_array_equal(again.surprise(shop), own)
     np.testing.assert_array_equal(again.quantiles, reference.quantiles)
+    # a forest of another feature count loads, and would fail only at scoring: refused at loading
+    skops.io.dump(IsolationForest().fit(shop[:, :3]), tmp_path / "forest.skops")
+    with pytest.raises(FedanomError, match=f"fitted on 3 features, not {len(FEATURE_NAMES)}"):
+        FeatureReference.load(tmp_path)
+    with pytest.raises(FedanomError, match="no normal training sessions"):
+        FeatureReference.fit(shop[:0])
 
 
 def test_adapter_loads_with_plain_peft(fitted: Fitted, tmp_path: Path) -> None:
