@@ -290,7 +290,8 @@ def test_a_hostile_merchant_is_rejected_with_its_reason_and_the_round_goes_on(fe
         assert any(expected in r for r in reasons), expected
     assert [f["reason"] for f in log["failed"]] == [FAILURES[MERCHANT_SETUP]]
     written = (federation / "poisoned" / "rounds.jsonl").read_text()
-    assert "alice" not in written and "4111" not in written
+    # the whole card number: a random 19-digit node id holds "4111" now and then (it did in CI)
+    assert "alice" not in written and "4111111111111111" not in written
     assert sorted(log["weights"]) == sorted(str(node) for node in log["accepted"]) and log["clipped"] == []
     with np.load(federation / "poisoned" / "round-1" / "adapter.npz") as adapter:
         assert all(
