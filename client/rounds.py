@@ -19,9 +19,10 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from fedanom.client.merchant import Merchant
 from fedanom.common.detector.artifact import load_backbone
-from fedanom.common.detector.detector import DEFAULT_AGGREGATION, BehaviourDetector
+from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.model import HEAD, attach_lora, trainable_state
 from fedanom.common.detector.privacy import PrivacyLedger
+from fedanom.common.detector.scoring import DEFAULT_AGGREGATION
 from fedanom.common.detector.training import train_model
 from fedanom.common.errors import FedanomError
 from fedanom.common.labels import read_labels

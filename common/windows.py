@@ -144,6 +144,16 @@ class Windows:
         early, validation = self.select(ended).chronological_split(1.0 - fraction, fraction)
         return Windows.concat([early, self.select(~ended)]), validation
 
+    def labels_of(self, part: Windows, labels: np.ndarray | None) -> np.ndarray | None:
+        """The labels (one per window of these windows) of `part`'s windows, matched by (session, window
+        index): `part` is a selection of these windows, as `holdout` makes."""
+        if labels is None:
+            return None
+        index = {(s, int(w)): i for i, (s, w) in enumerate(zip(self.session, self.window_index, strict=True))}
+        return np.array(
+            [labels[index[(s, int(w))]] for s, w in zip(part.session, part.window_index, strict=True)]
+        )
+
     def chronological_split(self, *fractions: float) -> list[Windows]:
         """Split by session start time (a session's windows stay together): earliest first."""
         order = np.argsort(self.start_ms, kind="stable")

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 from peft import PeftModel
-from sklearn.metrics import average_precision_score
 
 from fedanom.common.backbone import backbone_hash
 from fedanom.common.detector.artifact import (
@@ -45,18 +44,20 @@ from fedanom.common.detector.evidence import (
 from fedanom.common.detector.model import architecture_of, attach_lora, pick_device
 from fedanom.common.detector.privacy import PrivacyLedger
 from fedanom.common.detector.reference import FeatureReference
-from fedanom.common.detector.scoring import AGGREGATIONS, Surprise, aggregate, event_surprise, explain
+from fedanom.common.detector.scoring import (
+    DEFAULT_AGGREGATION,
+    Surprise,
+    aggregate,
+    choose_aggregation,
+    event_surprise,
+    explain,
+)
 from fedanom.common.detector.training import TrainReport, train_model
 from fedanom.common.errors import FedanomError
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.settings import ALERT_RATE, EPSILON, LoraSettings, TrainSettings
 from fedanom.common.tokens import Popularity
 from fedanom.common.windows import VALIDATION_FRACTION, Windows
-
-# Chosen in benchmarks/detector.py on the seeded shop with injected bots: best or tied-best validation
-# AUPRC of the four candidates and best test AUPRC for both architectures (BENCHMARKS.md). Used when a
-# merchant has no labels to choose with.
-DEFAULT_AGGREGATION = "mean"
 
 
 class BehaviourDetector:
@@ -142,14 +143,14 @@ class BehaviourDetector:
             )
         if train.dp and ledger is None:
             ledger = PrivacyLedger.open(None, epsilon_budget=EPSILON, delta=1.0 / fit_part.n_windows)
-        fit_labels = _labels_for(fit_part, windows, labels)
+        fit_labels = windows.labels_of(fit_part, labels)
         report = train_model(
             self.model, fit_part, train, labels=fit_labels, ledger=ledger, device=self.device
         )
         fit_normal = fit_part if fit_labels is None else fit_part.select(fit_labels == 0)
         self.calibrate(
             val_part,
-            _labels_for(val_part, windows, labels),
+            windows.labels_of(val_part, labels),
             alert_rate,
             training=fit_normal,
             score_head=self.head_helps(fit_part, fit_labels, fit_normal) is not False,
@@ -191,7 +192,7 @@ class BehaviourDetector:
             raise FedanomError("no normal validation sessions to calibrate the threshold on")
         self.reference = FeatureReference.fit(training.features, seed=self.lora.seed)
         surprise = event_surprise(self.model, validation, device=self.device)
-        self.aggregation = self._choose_aggregation(surprise, validation, labels)
+        self.aggregation = choose_aggregation(surprise, validation, labels)
         evidence = self.evidence(surprise, validation)
         scaled = scales(evidence, normal)
         self.score_mix = {}
@@ -271,14 +272,6 @@ class BehaviourDetector:
         check = self.head_auprc(self.surprise(fit_part), fit_part, labels)
         return check is None or check[0] >= check[1]
 
-    def _choose_aggregation(self, surprise: Surprise, windows: Windows, labels: np.ndarray | None) -> str:
-        if labels is None or labels.min() == labels.max():
-            return DEFAULT_AGGREGATION
-        scores = {
-            how: average_precision_score(labels, aggregate(surprise, windows, how)) for how in AGGREGATIONS
-        }
-        return max(scores, key=lambda how: scores[how])
-
     # --------------------------------------------------------------------------------------------- disk
     def save(self, directory: str | Path) -> None:
         if self.calibration is None:
@@ -319,13 +312,3 @@ class BehaviourDetector:
             reference=reference,
             device=placed,
         )
-
-
-def _labels_for(part: Windows, whole: Windows, labels: np.ndarray | None) -> np.ndarray | None:
-    """The labels of `part`'s windows, matched by (session, window index)."""
-    if labels is None:
-        return None
-    index = {(s, int(w)): i for i, (s, w) in enumerate(zip(whole.session, whole.window_index, strict=True))}
-    return np.array(
-        [labels[index[(s, int(w))]] for s, w in zip(part.session, part.window_index, strict=True)]
-    )

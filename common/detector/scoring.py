@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.metrics import average_precision_score
 
 from fedanom.common.detector.model import forward, pad_batch
 from fedanom.common.detector.reference import FeatureReference
@@ -90,6 +91,10 @@ def _top_mean(k: int) -> Callable[[np.ndarray], float]:
 
 
 # Candidate session scores over a window's event NLLs (and its <eos>); higher = more anomalous.
+# Chosen in benchmarks/detector.py on the seeded shop with injected bots: best or tied-best validation
+# AUPRC of the four candidates and best test AUPRC for both architectures (BENCHMARKS.md). Used when a
+# merchant has no labels to choose with.
+DEFAULT_AGGREGATION = "mean"
 AGGREGATIONS: dict[str, Callable[[np.ndarray], float]] = {
     "mean": lambda v: float(v.mean()),
     "max": lambda v: float(v.max()),
@@ -104,6 +109,15 @@ def aggregate(surprise: Surprise, windows: Windows, how: str) -> np.ndarray:
     combine = AGGREGATIONS[how]
     events = np.array([combine(v) for v in _per_window(surprise, windows)], dtype=np.float64)
     return surprise.context.sum(1, dtype=np.float64) + events
+
+
+def choose_aggregation(surprise: Surprise, windows: Windows, labels: np.ndarray | None) -> str:
+    """The aggregation whose sequence score ranks the windows' known attacks best (AUPRC); without labels
+    of both kinds, DEFAULT_AGGREGATION."""
+    if labels is None or labels.min() == labels.max():
+        return DEFAULT_AGGREGATION
+    scores = {how: average_precision_score(labels, aggregate(surprise, windows, how)) for how in AGGREGATIONS}
+    return max(scores, key=lambda how: scores[how])
 
 
 def explain(
