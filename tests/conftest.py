@@ -17,6 +17,12 @@ from fedanom.server.pretrain import pretrain_backbone
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
 
 REPO = Path(__file__).resolve().parent.parent
+# `make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`). Each module runs whole on one
+# worker, so its module-scoped fixture is built once. The modules that start Ray share a worker: two local
+# Ray clusters at once would compete for its default ports. The modules that wait longest on Flower's fixed
+# polls and heartbeats start first, so the other worker fills those waits with the rest of the suite.
+RAY_MODULES = ("test_federation", "test_simulate")
+STARTED_FIRST = ("test_deployment", *RAY_MODULES)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,6 +33,15 @@ def environment_restored() -> Iterator[None]:
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("ray" if module(item) in RAY_MODULES else module(item)))
+    items.sort(key=lambda item: module(item) not in STARTED_FIRST)  # stable: order within kept
 
 
 def shared_data_dir() -> Path:
