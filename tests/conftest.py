@@ -17,12 +17,13 @@ from fedanom.server.pretrain import pretrain_backbone
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
 
 REPO = Path(__file__).resolve().parent.parent
-# `make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`). Each module runs whole on one
-# worker, so its module-scoped fixture is built once. The modules that start Ray share a worker: two local
-# Ray clusters at once would compete for its default ports. The modules that wait longest on Flower's fixed
-# polls and heartbeats start first, so the other worker fills those waits with the rest of the suite.
-RAY_MODULES = ("test_federation", "test_simulate")
-STARTED_FIRST = ("test_deployment", *RAY_MODULES)
+# `make test` runs the suite on two pytest-xdist workers (`--dist loadfile`): each module runs whole on one
+# worker, so its module-scoped fixture is built once. The modules that wait longest on Flower's fixed polls
+# and heartbeats start first, so the other worker fills those waits with the rest of the suite. The two
+# modules that start Ray go first and last, so they never run at once: two local Ray clusters would
+# compete for the same ports.
+STARTED_FIRST = ("test_deployment", "test_federation")
+STARTED_LAST = ("test_simulate",)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,12 +37,11 @@ def environment_restored() -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def module(item: pytest.Item) -> str:
-        return item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+    def place(item: pytest.Item) -> int:
+        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        return 0 if module in STARTED_FIRST else 2 if module in STARTED_LAST else 1
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("ray" if module(item) in RAY_MODULES else module(item)))
-    items.sort(key=lambda item: module(item) not in STARTED_FIRST)  # stable: order within kept
+    items.sort(key=place)  # stable: the order within each module is kept
 
 
 def shared_data_dir() -> Path:
