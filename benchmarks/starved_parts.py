@@ -19,29 +19,29 @@ import itertools
 from pathlib import Path
 
 import numpy as np
+from real_traffic import DATA, YOOCHOOSE_LONG  # the starved scenario's export
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.evidence import scales, standardised
 from fedanom.common.detector.reference import FeatureReference
+from fedanom.common.detector.scoring import Surprise
 from fedanom.common.settings import LoraSettings
 from fedanom.common.windows import Windows
 from fedanom.server.aggregation import capped_weights
 from fedanom.simulations.compare import Sessions, _settings, load_sessions
 from fedanom.simulations.scenario import partition, prepare, real_shops
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-STARVED = (
-    DATA / "yoochoose-rsc15-100k/yoochoose-clicks-100k_train_full.tsv.gz",
-    "yoochoose",
-)  # as real_traffic.py
+STARVED = (DATA / YOOCHOOSE_LONG, "yoochoose")
 
 
-def standardised_parts(detector: BehaviourDetector, s: Sessions, part: Windows) -> dict[str, np.ndarray]:
-    validation = detector.evidence(detector.surprise(s.validation), s.validation)
-    return standardised(
-        detector.evidence(detector.surprise(part), part), scales(validation, ~s.known(s.validation))
-    )
+def standardised_parts(
+    detector: BehaviourDetector, s: Sessions, part: Windows, surprise: tuple[Surprise, Surprise]
+) -> dict[str, np.ndarray]:
+    """Each kind of evidence about `part`, scaled on the normal validation sessions; `surprise` is the
+    model's on (validation, part), which no feature reference changes."""
+    validation = detector.evidence(surprise[0], s.validation)
+    return standardised(detector.evidence(surprise[1], part), scales(validation, ~s.known(s.validation)))
 
 
 def seed_parts(run: Path, seed: int) -> None:
@@ -58,7 +58,8 @@ def seed_parts(run: Path, seed: int) -> None:
     votes, sizes = [], []
     for i, x in enumerate(sessions):
         if merchants[i].labelled:
-            parts = standardised_parts(federated[i], x, x.validation)
+            surprise = federated[i].surprise(x.validation)
+            parts = standardised_parts(federated[i], x, x.validation, (surprise, surprise))
             known = x.known(x.validation)
             kinds = [c for r in range(len(parts), 0, -1) for c in itertools.combinations(parts, r)]
             votes.append({c: average_precision_score(known, sum(parts[k] for k in c)) for c in kinds})
@@ -66,7 +67,8 @@ def seed_parts(run: Path, seed: int) -> None:
     weights = capped_weights(sizes)
     mean = {c: float(np.dot([v[c] for v in votes], weights) / weights.sum()) for c in votes[0]}
     chosen = max(mean, key=lambda c: mean[c])  # ties: the first, the one with more kinds
-    parts = standardised_parts(federated[starved], s, s.test)
+    read = {"federated-dp": (federated[starved].surprise(s.validation), federated[starved].surprise(s.test))}
+    parts = standardised_parts(federated[starved], s, s.test, read["federated-dp"])
     every = average_precision_score(y, sum(parts.values()))
     picked = average_precision_score(y, sum(parts[k] for k in chosen))
     print(f"seed {seed}: the federation's choice {'+'.join(chosen)}: AUPRC {picked:.3f} (all: {every:.3f})")
@@ -86,10 +88,11 @@ def seed_parts(run: Path, seed: int) -> None:
         "own reference": FeatureReference.fit(s.train.features, seed=seed),
         "pooled reference": FeatureReference.fit(normal_training.features, seed=seed),
     }
+    read["centralized"] = (centralized.surprise(s.validation), centralized.surprise(s.test))
     for method, detector in (("federated-dp", federated[starved]), ("centralized", centralized)):
         for reference_name, reference in references.items():
             detector.reference = reference
-            parts = standardised_parts(detector, s, s.test)
+            parts = standardised_parts(detector, s, s.test, read[method])
             cells = [
                 f"{k} {roc_auc_score(y, v):.3f} / {average_precision_score(y, v):.3f}"
                 for k, v in parts.items()
