@@ -12,7 +12,12 @@
    The real run is split into the merchants' own training time, the
    rest of the training round trip (messages, ClientApp start-up, reading data), aggregation, and
    federated evaluation, from the timings `rounds.jsonl` records.
-3. `--scale`: rounds per hour on the Simulation Engine with 10, 50, 100 virtual merchants of 2,000
+3. A message's cold start: seconds from a fresh process's start to its first training step (the reply's
+   time less the merchant's own training), for one merchant of 20,000 and of 1,000,000 events: in the
+   fresh process with its data not yet prepared, then prepared (`common.prepared`), then handed to the
+   merchant's warm worker (`client.worker`); and a whole evaluate message, in the process and in the
+   worker. `one_message.py` answers each message in its own process, as Flower's `flwr-clientapp` would.
+4. `--scale`: rounds per hour on the Simulation Engine with 10, 50, 100 virtual merchants of 2,000
    events each (the default model, 2 rounds), and memory: the peak resident memory of the whole
    process tree (driver, Ray, its workers) and of the largest Ray worker, sampled every 0.2 s, plus the
    state each virtual merchant keeps on disk. The 3-merchant round of (2) is its baseline.
@@ -34,18 +39,21 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import psutil
 from detector import ADAPTERS  # the adapter choices, whose quality detector.py --lora-sweep measures
 from flwr.simulation import run_simulation
 
 from fedanom.client.app import make_client_app
 from fedanom.client.merchant import VirtualMerchants
-from fedanom.common.detector.artifact import save_backbone
+from fedanom.client.supernode import warm_worker
+from fedanom.common.backbone import backbone_hash
+from fedanom.common.detector.artifact import load_backbone, save_backbone
 from fedanom.common.detector.model import attach_lora, build_backbone, trainable_state
 from fedanom.common.flower import free_port
 from fedanom.common.records import to_record
-from fedanom.common.settings import EPSILON, BackboneConfig
-from fedanom.server.app import build_app
+from fedanom.common.settings import EPSILON, RUN_DEFAULTS, BackboneConfig, LoraSettings
+from fedanom.server.app import FORWARDED, build_app
 from fedanom.simulations.attacks import inject
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
 
@@ -68,7 +76,7 @@ def traffic() -> dict[str, dict[str, float]]:
     return out
 
 
-def merchants(workdir: Path, n: int = 3, events: int = 20_000) -> list[str]:
+def merchants(workdir: Path, n: int = 3, events: int = 20_000, name: str = "m") -> list[str]:
     """The backbone in workdir/base and n merchants of `events` events each."""
     if not (workdir / "base").exists():
         save_backbone(build_backbone(BackboneConfig()), workdir / "base", {"benchmark": True})
@@ -77,7 +85,7 @@ def merchants(workdir: Path, n: int = 3, events: int = 20_000) -> list[str]:
         config = ShopConfig(n_events=events, n_users=events // 10, n_items=events // 4)
         shop = generate_shop(config, seed=70 + i)
         files.append(
-            str(write_taobao_csv(inject(shop, {"scraping-crude": 5}, seed=i), workdir / f"m{i}.csv"))
+            str(write_taobao_csv(inject(shop, {"scraping-crude": 5}, seed=i), workdir / f"{name}{i}.csv"))
         )
     return files
 
@@ -186,6 +194,56 @@ def deployed_round_time(workdir: Path, rounds: int) -> dict[str, float]:
     return {"total_seconds": time.perf_counter() - started, **round_split(workdir / "run")}
 
 
+def message_overhead(workdir: Path, events: int) -> dict[str, float]:
+    """Seconds from a fresh ClientApp process's start to a train message's first step (its reply's time
+    less the merchant's own training), and a whole evaluate message, answered in the fresh process
+    (before and after the data is prepared) and by the merchant's warm worker."""
+    files = merchants(workdir, n=1, events=events, name=f"overhead-{events}")
+    base, state = workdir / "base", workdir / f"overhead-state-{events}"
+    adapter = workdir / "adapter.npz"
+    initial = trainable_state(attach_lora(load_backbone(base), LoraSettings()))
+    np.savez(adapter, **{name: t.numpy() for name, t in initial.items()})  # type: ignore[arg-type]
+    config = {key: RUN_DEFAULTS[key] for key in FORWARDED}
+    # a few steps suffice: what is measured is everything but them
+    config.update({"local-epochs": 0.02, "round-offset": 0, "backbone-hash": backbone_hash(base)})
+    config["num-server-rounds"] = 5
+    node = {
+        "data": files[0],
+        "preset": "taobao",
+        "state-dir": str(state),
+        "epsilon": EPSILON,
+        "base": str(base),
+    }
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def answer(kind: str, server_round: int) -> float:
+        spec = workdir / "message.json"
+        spec.write_text(json.dumps({"node": node, "config": {**config, "server-round": server_round}}))
+        started = time.time()
+        done = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("one_message.py")), kind, str(spec), str(adapter)],
+            capture_output=True,
+            text=True,
+            env=environment,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr[-2000:])
+        reply = json.loads(done.stdout.splitlines()[-1])
+        return float(reply["ready"] - started - reply.get("train-seconds", 0.0))
+
+    results = {
+        "train_cold_unprepared": answer("train", 1),
+        "train_cold_prepared": answer("train", 2),
+        "evaluate_cold_whole": answer("evaluate", 2),
+    }
+    with open(workdir / "worker.log", "w") as log, warm_worker(state, environment, log):
+        while not (state / "worker.sock").exists():
+            time.sleep(0.2)
+        results["train_warm_worker"] = answer("train", 3)
+        results["evaluate_warm_worker_whole"] = answer("evaluate", 3)
+    return {"events": events, **results}
+
+
 def round_split(run_dir: Path) -> dict[str, float]:
     """Mean seconds per round: between round ends, the training round trip, the slowest merchant's own
     training, aggregation and the evaluation round trip (rounds after the first: no start-up)."""
@@ -207,6 +265,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--overhead-events", type=lambda v: [int(n) for n in v.split(",")], default=[20_000, 1_000_000]
+    )
     parser.add_argument("--scale", help="comma-separated merchant counts: rounds/hour and memory only")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -222,6 +283,8 @@ def main() -> None:
     results: dict[str, object] = {"traffic": traffic()}
     print(json.dumps(results["traffic"], indent=1), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
+        results["message_overhead"] = [message_overhead(Path(tmp), n) for n in args.overhead_events]
+        print(json.dumps(results["message_overhead"], indent=1), flush=True)
         results["simulated_round"] = simulated_round_time(Path(tmp), args.rounds)
         print(json.dumps(results["simulated_round"], indent=1), flush=True)
         results["deployed_round"] = deployed_round_time(Path(tmp), args.rounds)

@@ -27,9 +27,10 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.common.logger import log
 
+from fedanom.client import worker
 from fedanom.client.merchant import Merchant, Resolver, keep_reply, kept_reply
 from fedanom.common.backbone import install_backbone
-from fedanom.common.errors import FedanomError
+from fedanom.common.errors import BudgetExhausted, FedanomError
 from fedanom.common.records import (
     BACKBONE_REFUSED,
     BUDGET_EXHAUSTED,
@@ -78,12 +79,8 @@ def train(msg: Message, context: Context, merchants: Resolver = Merchant.from_no
     if kept.exists():
         update, values = kept_reply(kept, TRAIN_METRICS)
     else:
-        # the model stack, imported only by the messages that use it: every message is a fresh process
-        from fedanom.client.rounds import train_round
-        from fedanom.common.detector.privacy import BudgetExhausted
-
         try:
-            update, values = train_round(merchant, config, incoming, this_round)
+            update, values = worker.train(merchant, config, incoming, this_round)
         except BudgetExhausted as exc:
             return failed(msg, BUDGET_EXHAUSTED, exc)
         keep_reply(kept, update, values)
@@ -92,10 +89,8 @@ def train(msg: Message, context: Context, merchants: Resolver = Merchant.from_no
 
 def evaluate(msg: Message, context: Context, merchants: Resolver = Merchant.from_node) -> Message:
     """Score the merchant's validation sessions with the global adapter and keep that detector."""
-    from fedanom.client.rounds import evaluate_round
-
     config = msg.content.config_records["config"]
-    values = evaluate_round(merchants(context), config, msg.content.array_records["arrays"])
+    values = worker.evaluate(merchants(context), config, msg.content.array_records["arrays"])
     return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
 
 

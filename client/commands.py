@@ -226,7 +226,7 @@ def client(
         raise FedanomError(
             "a federation client reads its data with --preset only; convert the file or use a preset"
         )
-    ingested = source.read(default_quarantine=state_dir / "quarantine.csv")  # fails early, in one sentence
+    prepared = source.prepare(state_dir)  # fails early, in one sentence; the first round finds it ready
     from fedanom.common.detector.privacy import PrivacyLedger
 
     if base is not None:
@@ -239,7 +239,7 @@ def client(
     plain = check_transport(host, insecure=insecure, has_certificates=root_certificates is not None)
     node = SuperNode(server, port, None if plain else root_certificates, auth_key, threads)
     err.print(
-        f"joining the federation at {server} with {ingested.report.rows_kept:,} events of {source.data.name};"
+        f"joining the federation at {server} with {prepared.events:,} events of {source.data.name};"
         f" privacy budget ε={epsilon:g}, spent so far {PrivacyLedger.spent_in(state_dir):.2f}"
     )
     node_config: dict[str, str | float] = {

@@ -17,11 +17,13 @@ from flwr.app import ArrayRecord, Context
 
 from fedanom.common.backbone import backbone_hash
 from fedanom.common.errors import FedanomError
-from fedanom.common.ingest import ingest
+from fedanom.common.prepared import prepare
 from fedanom.common.presets import resolve_preset
 from fedanom.common.records import Metrics, number, text, to_numpy
 from fedanom.common.tokens import Popularity
 from fedanom.common.windows import Windows
+
+BACKBONE_HASHES = "backbone-hashes.json"  # the backbone directories' hashes, with their files' stamps
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class Merchant:
             if (
                 candidate is not None
                 and (candidate / "config.json").exists()
-                and backbone_hash(candidate) == expected_hash
+                and backbone_hash(candidate, cache=self.state_dir / BACKBONE_HASHES) == expected_hash
             ):
                 return candidate
         return None
@@ -71,13 +73,10 @@ class Merchant:
         return found
 
     def windows(self) -> tuple[Windows, Windows, Popularity]:
-        """This merchant's sessions to train on and to validate on (`Windows.holdout`)."""
-        ingested = ingest(
-            self.data, resolve_preset(self.preset), quarantine_path=self.state_dir / "quarantine.csv"
-        )
-        windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
-        train, validation = windows.holdout()
-        return train, validation, ingested.popularity
+        """This merchant's sessions to train on and to validate on (`Windows.holdout`), prepared once and
+        kept in its state directory (`common.prepared`)."""
+        prepared = prepare(self.data, resolve_preset(self.preset), self.state_dir)
+        return prepared.train, prepared.validation, prepared.popularity
 
     def reply_path(self, this_round: int, arrays: ArrayRecord) -> Path:
         """Where this merchant keeps its answer to one round on one global adapter."""

@@ -1,17 +1,22 @@
 """A merchant's Flower SuperNode, as `fedanom client` runs it: who the merchant is goes into the node
 config (`client.merchant` reads it in every ClientApp process), and the SuperNode is started again
 while the SuperLink is unreachable or has not admitted the node's key yet, until the merchant gives up.
-Flower's own log lines (the SuperNode's and its ClientApp processes') go to `<state-dir>/supernode.log`;
-the console keeps fedanom's.
+Flower's own log lines (the SuperNode's and its ClientApp processes') go to `<state-dir>/supernode.log`,
+with those of the merchant's warm worker (`client.worker`), which lives as long as the SuperNode's
+retries; the console keeps fedanom's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import tomli_w
 
@@ -19,6 +24,7 @@ from fedanom.common.errors import FedanomError
 from fedanom.common.flower import flower_environment, own_flower_processes, run_to_end
 
 RETRY_SECONDS = 5.0  # between attempts to (re)join, when the SuperNode itself gives up
+STOP_TIMEOUT_S = 10.0  # for the warm worker to stop before it is killed
 
 
 @dataclass(frozen=True)
@@ -54,19 +60,44 @@ class SuperNode:
         log_path = state_dir / "supernode.log"
         print(f"Flower's log: {log_path}", file=sys.stderr, flush=True)
         deadline = time.monotonic() + give_up_after
-        while True:
-            with open(log_path, "a") as log:
+        with open(log_path, "a") as log, warm_worker(state_dir, environment, log) as warm:
+            while True:
                 code = run_to_end(
-                    self.command(config_file), env=environment, stdout=log, stderr=subprocess.STDOUT
+                    self.command(config_file),
+                    keep={warm.pid},
+                    env=environment,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                 )
-            if code in (0, -2, 130):  # finished, or the merchant pressed Ctrl-C
-                return
-            if time.monotonic() >= deadline:
-                raise FedanomError(f"the SuperNode kept stopping (last exit code {code}); gave up")
-            print(
-                f"the SuperNode stopped (exit code {code}): the SuperLink is unreachable or has not "
-                f"admitted this node's key yet (see {log_path}); trying again in {RETRY_SECONDS:g} s",
-                file=sys.stderr,
-                flush=True,
-            )
-            time.sleep(RETRY_SECONDS)
+                if code in (0, -2, 130):  # finished, or the merchant pressed Ctrl-C
+                    return
+                if time.monotonic() >= deadline:
+                    raise FedanomError(f"the SuperNode kept stopping (last exit code {code}); gave up")
+                print(
+                    f"the SuperNode stopped (exit code {code}): the SuperLink is unreachable or has not "
+                    f"admitted this node's key yet (see {log_path}); trying again in {RETRY_SECONDS:g} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                time.sleep(RETRY_SECONDS)
+
+
+@contextlib.contextmanager
+def warm_worker(
+    state_dir: Path, environment: Mapping[str, str], output: TextIO
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The merchant's warm worker (`client.worker`), for as long as the block runs."""
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "fedanom.client.worker", str(state_dir), str(os.getpid())],
+        env=dict(environment),
+        stdout=output,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield worker
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            worker.kill()

@@ -8,6 +8,7 @@ server's query about it (and installs shipped files) with this module alone, wit
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -39,11 +40,51 @@ def weight_files(directory: Path) -> list[str]:
     )
 
 
-def backbone_hash(directory: str | Path) -> str:
+def backbone_hash(directory: str | Path, cache: Path | None = None) -> str:
+    """The directory's content hash, computed once per state of its files: it is remembered with each
+    weight file's size, mtime and inode, in this process and, given `cache` (a JSON file), across
+    processes, since a merchant's every message is a fresh process that asks several times. A file
+    changed in any of these is hashed again."""
     directory = Path(directory)
     if not directory.is_dir() or not (directory / "config.json").exists():
         raise FedanomError(f"{directory} is not a model directory (no config.json)")
-    return content_hash(directory, weight_files(directory))
+    names = weight_files(directory)
+    key = str(directory.resolve())
+    stamps = [[name, *_stamp(directory / name)] for name in names]
+    known = _read_hashes(cache) if cache is not None else {}
+    remembered = [_hash_if(entry, stamps) for entry in (_HASHES.get(key), known.get(key))]
+    digest = next((d for d in remembered if d is not None), None) or content_hash(directory, names)
+    _HASHES[key] = {"stamps": stamps, "hash": digest}
+    if cache is not None and known.get(key) != _HASHES[key]:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        staging = cache.with_name(f"{cache.name}.{os.getpid()}.partial")
+        staging.write_text(json.dumps({**known, key: _HASHES[key]}))
+        os.replace(staging, cache)
+    return digest
+
+
+_HASHES: dict[str, object] = {}  # this process's: resolved directory -> {"stamps": ..., "hash": ...}
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _hash_if(entry: object, stamps: list[list[object]]) -> str | None:
+    """A remembered hash, if it was taken of files in exactly this state."""
+    if isinstance(entry, dict) and entry.get("stamps") == stamps and isinstance(entry.get("hash"), str):
+        return str(entry["hash"])
+    return None
+
+
+def _read_hashes(cache: Path) -> dict[str, object]:
+    """The remembered hashes, or none when the file is missing or unreadable (it is then rewritten)."""
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
 
 
 def backbone_files(directory: str | Path) -> dict[str, bytes]:

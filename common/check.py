@@ -48,6 +48,7 @@ class DataSummary:
     vocabulary_version: str
     duplicate_events: int  # same session, time, event type and item as another event: kept, but counted
     notes: list[str] = field(default_factory=list)
+    prepared: str | None = None  # with --state-dir: whether it holds this export prepared (`common.prepared`)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -8,3 +8,7 @@ traceback.
 
 class FedanomError(Exception):
     """A problem with the user's input or environment, explained in one sentence."""
+
+
+class BudgetExhausted(FedanomError):
+    """A merchant's privacy budget cannot pay for the requested training (`detector.privacy` plans it)."""

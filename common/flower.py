@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +108,12 @@ def own_flower_processes() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def stop_descendants(seconds: float = 30.0) -> None:
-    """Ask every process this one started (and, after `own_flower_processes`, their orphans) to stop,
-    wait, kill what is left; again until none is left, as a stopping process may start another."""
+def stop_descendants(seconds: float = 30.0, keep: Collection[int] = ()) -> None:
+    """Ask every process this one started (and, after `own_flower_processes`, their orphans) but those
+    in `keep` to stop, wait, kill what is left; again until none is left, as a stopping process may
+    start another."""
     for _ in range(5):
-        tree = psutil.Process().children(recursive=True)
+        tree = [p for p in psutil.Process().children(recursive=True) if p.pid not in keep]
         if not tree:
             return
         for member in tree:
@@ -125,13 +126,13 @@ def stop_descendants(seconds: float = 30.0) -> None:
         psutil.wait_procs(alive, timeout=5)
 
 
-def run_to_end(command: list[str], **popen: Any) -> int:
+def run_to_end(command: list[str], keep: Collection[int] = (), **popen: Any) -> int:
     """Run a Flower command to its end, and its exit code; then, or when stopped early, stop whatever it
-    started and left behind."""
+    started and left behind (and any other process of ours but those in `keep`)."""
     try:
         return subprocess.Popen(command, **popen).wait()
     finally:
-        stop_descendants()
+        stop_descendants(keep=keep)
 
 
 @contextlib.contextmanager

@@ -138,12 +138,7 @@ class EventReader:
 
     # ----------------------------------------------------------------------------------------------- reading
     def __iter__(self) -> Iterator[pa.Table]:
-        if not self.path.exists():
-            raise FedanomError(f"{self.path} does not exist")
-        if not self.path.is_file():
-            raise FedanomError(f"{self.path} is not a file")
-        if self.path.stat().st_size == 0:
-            raise FedanomError(f"{self.path} is empty")
+        check_file(self.path)
         parquet = self.path.suffix.lower() in (".parquet", ".pq")
         batches = self._parquet_batches() if parquet else self._csv_batches()
         row0 = 0
@@ -526,6 +521,16 @@ def _whole_lines(data: bytes) -> tuple[bytes, bytes]:
     """(the complete lines in data, the unfinished last line)."""
     cut = data.rfind(b"\n") + 1
     return data[:cut], data[cut:]
+
+
+def check_file(path: Path) -> None:
+    """One sentence if `path` cannot be an events file at all: missing, not a file, or empty."""
+    if not path.exists():
+        raise FedanomError(f"{path} does not exist")
+    if not path.is_file():
+        raise FedanomError(f"{path} is not a file")
+    if path.stat().st_size == 0:
+        raise FedanomError(f"{path} is empty")
 
 
 def is_gzip(path: Path) -> bool:

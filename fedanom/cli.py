@@ -21,6 +21,7 @@ from rich.table import Table
 from fedanom.client.commands import client, score, train
 from fedanom.common.check import DataSummary, summarize
 from fedanom.common.errors import FedanomError
+from fedanom.common.prepared import cache_state
 from fedanom.common.presets import PRESETS
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.tokens import VOCAB_VERSION
@@ -52,14 +53,21 @@ def data_check(
     session_gap: SessionGapOption = SessionConfig.gap_minutes,
     window: WindowOption = SessionConfig.window,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option("--state-dir", help="A merchant's state directory: does it hold this export prepared?"),
+    ] = None,
 ) -> None:
     """Is my export readable, what is in it, and which rows are bad and why."""
+    config = session_config(session_gap, window)
     ingested = source.read(
         default_quarantine=Path.cwd() / f"{source.data.name}.quarantine.csv",
-        config=session_config(session_gap, window),
+        config=config,
         show_progress=not as_json,
     )
     summary = summarize(ingested, source.preset_name, VOCAB_VERSION)
+    if state_dir is not None:
+        summary.prepared = cache_state(source.data, source.resolved_preset(), state_dir, config)
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
     else:
@@ -120,6 +128,8 @@ def _print_summary(s: DataSummary) -> None:
             bad.add_row(reason, f"{count:,}")
         out.print(bad)
         out.print(f"quarantined rows written to {s.quarantine_file}")
+    if s.prepared is not None:
+        out.print(f"prepared data: {s.prepared}")
     for note in s.notes:
         out.print(f"[yellow]note:[/yellow] {note}")
 

@@ -19,7 +19,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 
 from fedanom.common.errors import FedanomError
 from fedanom.common.ingest import Ingested, ingest
-from fedanom.common.presets import PRESETS, resolve_preset
+from fedanom.common.loader import BadRowPolicy
+from fedanom.common.prepared import Prepared, prepare
+from fedanom.common.presets import PRESETS, Preset, resolve_preset
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.tokens import Popularity
 
@@ -74,26 +76,44 @@ class DataSource:
         show_progress: bool = True,
     ) -> Ingested:
         """Ingest the file (validated, partitioned, popularity counted) with a progress bar."""
-        if self.on_bad_rows not in ("quarantine", "fail"):
-            raise FedanomError(f"--on-bad-rows must be quarantine or fail, not '{self.on_bad_rows}'")
-        preset = resolve_preset(
+        with progress_bar(f"reading {self.data.name}", enabled=show_progress) as bar:
+            return ingest(
+                self.data,
+                self.resolved_preset(),
+                config=config,
+                on_bad_rows=self.bad_row_policy(),
+                quarantine_path=self.quarantine or default_quarantine,
+                popularity=popularity,
+                encoding=self.encoding,
+                progress=bar.update_bytes,
+            )
+
+    def prepare(self, state_dir: Path) -> Prepared:
+        """A merchant's windows, prepared once into its state directory (`common.prepared`), so its
+        federation's first message finds them ready; the file's mistakes are reported here first."""
+        with progress_bar(f"preparing {self.data.name}") as bar:
+            return prepare(
+                self.data,
+                self.resolved_preset(),
+                state_dir,
+                on_bad_rows=self.bad_row_policy(),
+                quarantine_path=self.quarantine,
+                progress=bar.update_bytes,
+            )
+
+    def resolved_preset(self) -> Preset:
+        return resolve_preset(
             self.preset,
             mapping=self.mapping,
             sep=self.sep,
             timestamp_format=self.timestamp_format,
             event_types=tuple(self.event_type or ()),
         )
-        with progress_bar(f"reading {self.data.name}", enabled=show_progress) as bar:
-            return ingest(
-                self.data,
-                preset,
-                config=config,
-                on_bad_rows="fail" if self.on_bad_rows == "fail" else "quarantine",
-                quarantine_path=self.quarantine or default_quarantine,
-                popularity=popularity,
-                encoding=self.encoding,
-                progress=bar.update_bytes,
-            )
+
+    def bad_row_policy(self) -> BadRowPolicy:
+        if self.on_bad_rows not in ("quarantine", "fail"):
+            raise FedanomError(f"--on-bad-rows must be quarantine or fail, not '{self.on_bad_rows}'")
+        return "fail" if self.on_bad_rows == "fail" else "quarantine"
 
     @property
     def preset_name(self) -> str:

@@ -172,6 +172,15 @@ def test_a_merchants_console_keeps_fedanoms_lines_and_flowers_go_to_its_log(depl
         assert "Receiving: train message" in (deployment / f"state-{i}" / "supernode.log").read_text()
 
 
+def test_each_merchants_rounds_ran_in_its_warm_worker(deployment: Path) -> None:
+    """Flower's fresh ClientApp process per message handed the model work to the merchant's worker."""
+    for i in range(len(REAL_MERCHANTS)):
+        log = (deployment / f"state-{i}" / "supernode.log").read_text()
+        assert "fedanom worker: answered the train message" in log, log[-2000:]
+        assert "fedanom worker: answered the evaluate message" in log
+        assert "working in this process" not in log
+
+
 def test_a_merchant_killed_mid_round_leaves_the_round_to_the_others(deployment: Path) -> None:
     first = json.loads((deployment / "run" / "round-1" / "metrics.json").read_text())
     (failed,) = first["failed"]

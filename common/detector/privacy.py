@@ -29,7 +29,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from opacus.accountants import RDPAccountant
 
-from fedanom.common.errors import FedanomError
+from fedanom.common.errors import BudgetExhausted, FedanomError
 
 LEDGER_FILE = "privacy.json"
 MAX_NOISE = 50.0  # beyond this a step carries no useful signal: the budget is spent
@@ -41,10 +41,6 @@ MAX_DELTA = 0.1  # δ is 1 / the training sessions by default; beyond this it pr
 LOCK_TIMEOUT_S = 60.0  # the lock is held only to plan and write, never while training
 # (noise multiplier, sample rate, steps), as Opacus's RDP accountant keeps them
 Entry = tuple[float, float, int]
-
-
-class BudgetExhausted(FedanomError):
-    """The merchant's privacy budget cannot pay for the requested training."""
 
 
 @dataclass
