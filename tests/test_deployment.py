@@ -172,9 +172,13 @@ def test_a_merchants_console_keeps_fedanoms_lines_and_flowers_go_to_its_log(depl
         assert "Receiving: train message" in (deployment / f"state-{i}" / "supernode.log").read_text()
 
 
-def test_each_merchants_rounds_ran_in_its_warm_worker(deployment: Path) -> None:
-    """Flower's fresh ClientApp process per message handed the model work to the merchant's worker."""
+def test_each_merchants_rounds_ran_in_its_warm_worker_on_data_prepared_once(deployment: Path) -> None:
+    """Flower's fresh ClientApp process per message handed the model work to the merchant's worker, which
+    read the windows `fedanom client` had prepared before joining (one cache entry, never rebuilt)."""
     for i in range(len(REAL_MERCHANTS)):
+        (prepared,) = (deployment / f"state-{i}" / "prepared").glob("*.npz")
+        joined = (deployment / f"state-{i}" / "node-config.toml").stat().st_mtime_ns
+        assert prepared.stat().st_mtime_ns <= joined  # written before the SuperNode started, not since
         log = (deployment / f"state-{i}" / "supernode.log").read_text()
         assert "fedanom worker: answered the train message" in log, log[-2000:]
         assert "fedanom worker: answered the evaluate message" in log
