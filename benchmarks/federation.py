@@ -237,8 +237,6 @@ def message_overhead(workdir: Path, events: int) -> dict[str, float]:
         "evaluate_cold_whole": answer("evaluate", 2),
     }
     with open(workdir / "worker.log", "w") as log, warm_worker(state, environment, log):
-        while not (state / "worker.sock").exists():
-            time.sleep(0.2)
         results["train_warm_worker"] = answer("train", 3)
         results["evaluate_warm_worker_whole"] = answer("evaluate", 3)
     return {"events": events, **results}

@@ -28,7 +28,7 @@ from flwr.clientapp.typing import Mod
 from flwr.common.logger import log
 
 from fedanom.client import worker
-from fedanom.client.merchant import Merchant, Resolver, keep_reply, kept_reply
+from fedanom.client.merchant import Merchant, Resolver, kept_reply
 from fedanom.common.backbone import install_backbone
 from fedanom.common.errors import BudgetExhausted, FedanomError
 from fedanom.common.records import (
@@ -80,10 +80,9 @@ def train(msg: Message, context: Context, merchants: Resolver = Merchant.from_no
         update, values = kept_reply(kept, TRAIN_METRICS)
     else:
         try:
-            update, values = worker.train(merchant, config, incoming, this_round)
+            update, values = worker.train(merchant, config, incoming, this_round)  # keeps the reply
         except BudgetExhausted as exc:
             return failed(msg, BUDGET_EXHAUSTED, exc)
-        keep_reply(kept, update, values)
     return Message(RecordDict({"arrays": to_record(update), "metrics": MetricRecord(values)}), reply_to=msg)
 
 

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord
 from peft import PeftModel
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from fedanom.client.merchant import Merchant
+from fedanom.client.merchant import Merchant, keep_reply
 from fedanom.common.detector.artifact import load_backbone
 from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.model import HEAD, attach_lora, trainable_state
@@ -86,6 +86,8 @@ def train_round(
         "train-seconds": report.seconds,
     }
     update = {name: p.detach().cpu().numpy() for name, p in model.named_parameters() if name in sent}
+    # kept before it is sent, wherever this runs: a round asked again gets it back without new spending
+    keep_reply(merchant.reply_path(this_round, incoming), update, values)
     return update, values
 
 

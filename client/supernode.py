@@ -24,6 +24,7 @@ from fedanom.common.errors import FedanomError
 from fedanom.common.flower import flower_environment, own_flower_processes, run_to_end
 
 RETRY_SECONDS = 5.0  # between attempts to (re)join, when the SuperNode itself gives up
+WORKER_START_TIMEOUT_S = 120.0  # for the warm worker to import the model stack and listen
 STOP_TIMEOUT_S = 10.0  # for the warm worker to stop before it is killed
 
 
@@ -86,13 +87,18 @@ class SuperNode:
 def warm_worker(
     state_dir: Path, environment: Mapping[str, str], output: TextIO
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """The merchant's warm worker (`client.worker`), for as long as the block runs."""
+    """The merchant's warm worker (`client.worker`), for as long as the block runs; the block starts once
+    it listens (or has failed to start: every message then works in its own process)."""
+    state_dir = state_dir.resolve()  # the ClientApp connects by the absolute path
     worker = subprocess.Popen(
         [sys.executable, "-m", "fedanom.client.worker", str(state_dir), str(os.getpid())],
         env=dict(environment),
         stdout=output,
         stderr=subprocess.STDOUT,
     )
+    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+    while not (state_dir / "worker.sock").exists() and worker.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
     try:
         yield worker
     finally:

@@ -7,12 +7,14 @@ transformers, peft and Opacus take 5-7 s to import here, twice a round, before a
 this worker over a Unix socket in the merchant's state directory and replies with what comes back. The
 worker runs the same `client.rounds` functions the ClientApp would run itself, on the same disk state
 (ledger, prepared data, kept replies), so nothing about a round changes but its start-up. Where no worker
-answers (a simulation, a worker not yet up or gone) the ClientApp does the work in its own process.
+listens (a simulation, a worker that failed to start or has gone) the ClientApp does the work in its
+own process. A worker that dies during a request fails that message (MERCHANT_FAILED): trying again
+in-process could spend the privacy budget twice.
 
-The socket is the merchant's own: mode 0600 in its state directory, and every connection must prove it
-holds the key in `worker.key` (0600, new each start). Requests are data only: JSON and numpy arrays
-read without pickle. `fedanom client` starts and stops it (`client.supernode.warm_worker`); it stops
-on its own if that process dies.
+The socket is the merchant's own (in its state directory, no access for group or others) and every
+connection must prove it holds the key in `worker.key` (0600, new each start). Requests are data only:
+JSON and numpy arrays read without pickle. `fedanom client` starts and stops it
+(`client.supernode.warm_worker`); it stops on its own if that process dies.
 """
 
 from __future__ import annotations
@@ -74,7 +76,10 @@ def evaluate(merchant: Merchant, config: Mapping[str, object], arrays: ArrayReco
 def _ask(merchant: Merchant, request: dict[str, Any], arrays: ArrayRecord) -> Result | None:
     """The worker's answer, or None when no worker of this merchant's is listening."""
     address, key = merchant.state_dir / SOCKET, merchant.state_dir / KEY
-    if merchant.simulated or not address.exists():
+    if merchant.simulated:
+        return None
+    if not address.exists():
+        log.warning("no worker of this merchant's is listening; working in this process")
         return None
     try:
         connection = Client(str(address), family="AF_UNIX", authkey=key.read_bytes())
@@ -112,10 +117,11 @@ def serve(state_dir: Path) -> None:
     address.unlink(missing_ok=True)
     key = secrets.token_bytes(32)
     key_file.unlink(missing_ok=True)
-    key_file.touch(mode=0o600)
-    key_file.write_bytes(key)
+    os.umask(0o077)  # the key and the socket are the merchant's own from their first byte
+    descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "wb") as fh:
+        fh.write(key)
     with Listener(str(address), family="AF_UNIX", authkey=key) as listener:
-        os.chmod(address, 0o600)
         log.info("ready at %s", address)
         while True:
             try:
@@ -138,7 +144,7 @@ def _answer(connection: Connection, rounds: Any) -> None:
             update, metrics = rounds.train_round(merchant, config, incoming, int(request["round"]))
         else:
             update, metrics = {}, rounds.evaluate_round(merchant, config, incoming)
-        header: dict[str, Any] = {"metrics": metrics}
+        header: dict[str, Any] = {"metrics": {name: float(value) for name, value in metrics.items()}}
     except BudgetExhausted as exc:
         header, update = {"failed": "budget", "reason": str(exc)}, {}
     except FedanomError as exc:

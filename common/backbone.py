@@ -41,10 +41,10 @@ def weight_files(directory: Path) -> list[str]:
 
 
 def backbone_hash(directory: str | Path, cache: Path | None = None) -> str:
-    """The directory's content hash, computed once per state of its files: it is remembered with each
-    weight file's size, mtime and inode, in this process and, given `cache` (a JSON file), across
-    processes, since a merchant's every message is a fresh process that asks several times. A file
-    changed in any of these is hashed again."""
+    """The directory's content hash, computed once per state of its files. It is remembered with each
+    weight file's size, mtime, ctime, inode and device: in this process and, given `cache` (a JSON
+    file), across processes, since a merchant's every message is a fresh process that asks several
+    times. A file changed in any of these is hashed again."""
     directory = Path(directory)
     if not directory.is_dir() or not (directory / "config.json").exists():
         raise FedanomError(f"{directory} is not a model directory (no config.json)")
@@ -68,7 +68,7 @@ _HASHES: dict[str, object] = {}  # this process's: resolved directory -> {"stamp
 
 def _stamp(path: Path) -> list[int]:
     st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]  # ctime: no tool sets it back
 
 
 def _hash_if(entry: object, stamps: list[list[object]]) -> str | None:

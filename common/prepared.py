@@ -2,11 +2,12 @@
 state directory for every later message and run.
 
 Flower starts a fresh ClientApp process for every message, and a round asks each merchant twice (train,
-then evaluate). Re-reading the whole export every time was most of why a real-process round took 2.8
-times a simulated one (BENCHMARKS.md, federation). The prepared windows depend on the export's bytes,
-the preset, the session settings, the token vocabulary and the pipeline's own code, so the cache is keyed
-by all of them (the export by a hash of its whole content, which costs about 2 s per GB) and any change
-rebuilds it. It holds one entry, the latest, in `<state-dir>/prepared/`, which can be deleted by hand.
+then evaluate): re-reading the export cost every message 0.7 s at 20,000 events and 6 s at a million
+(BENCHMARKS.md, cold start). The prepared windows depend on the export's bytes, the preset, the session
+settings, the token vocabulary and the pipeline's own code as imported, so the cache is keyed by all of
+them and any change rebuilds it. The export is keyed by a hash of its whole content, the one read of the
+file a message still makes (about 2 s per GB). The cache holds one entry, the latest, in
+`<state-dir>/prepared/`, which can be deleted by hand.
 A cache file that does not read back whole (zip CRCs) and consistent is rebuilt, never trusted.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fedanom.common.backbone import sha256_file
+from fedanom.common.errors import FedanomError
 from fedanom.common.ingest import ingest
 from fedanom.common.loader import BadRowPolicy, Progress, check_file
 from fedanom.common.presets import Preset
@@ -48,6 +50,7 @@ class Prepared:
     train: Windows
     validation: Windows
     popularity: Popularity
+    rows_quarantined: int  # bad rows the read set aside
 
     @property
     def events(self) -> int:
@@ -57,10 +60,21 @@ class Prepared:
 def cache_key(data: Path, preset: Preset, session: SessionConfig) -> str:
     """What the prepared windows of this export depend on, as one hash."""
     digest = hashlib.sha256(sha256_file(data).encode())
+    digest.update(
+        f"{FORMAT}|{_PIPELINE}|{VOCAB_VERSION}|{preset!r}|{session!r}|{VALIDATION_FRACTION}".encode()
+    )
+    return digest.hexdigest()[:32]
+
+
+def _pipeline_code() -> str:
+    """The running pipeline's code, as imported (a long-lived worker keeps the code it started with)."""
+    digest = hashlib.sha256()
     for module in PIPELINE_MODULES:
         digest.update(Path(sys.modules[f"fedanom.common.{module}"].__file__ or "").read_bytes())
-    digest.update(f"{FORMAT}|{VOCAB_VERSION}|{preset!r}|{session!r}|{VALIDATION_FRACTION}".encode())
-    return digest.hexdigest()[:32]
+    return digest.hexdigest()
+
+
+_PIPELINE = _pipeline_code()
 
 
 def cache_file(state_dir: Path, key: str) -> Path:
@@ -86,6 +100,11 @@ def prepare(
     if path.exists():
         cached = _load(path)
         if cached is not None:
+            if on_bad_rows == "fail" and cached.rows_quarantined:
+                raise FedanomError(
+                    f"{data} has {cached.rows_quarantined:,} bad rows (set aside when it was prepared: "
+                    f"{quarantine_path or state_dir / 'quarantine.csv'}) and --on-bad-rows is fail"
+                )
             return cached
         log.warning("%s is damaged; rebuilding it from %s", path, data)
     ingested = ingest(
@@ -98,7 +117,7 @@ def prepare(
     )
     windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
     train, validation = windows.holdout()
-    prepared = Prepared(train, validation, ingested.popularity)
+    prepared = Prepared(train, validation, ingested.popularity, ingested.report.rows_quarantined)
     _save(prepared, path)
     return prepared
 
@@ -111,11 +130,12 @@ def cache_state(data: Path, preset: Preset, state_dir: Path, session: SessionCon
         return f"current: {path} ({path.stat().st_size / 1e6:.1f} MB)"
     if any((state_dir / CACHE_DIR).glob("*.npz")):
         return f"stale: {state_dir / CACHE_DIR} holds another file's or settings' data; it will be rebuilt"
-    return f"none in {state_dir}: the first training message prepares it"
+    return f"none in {state_dir}: `fedanom client` prepares it before it joins"
 
 
 def _save(prepared: Prepared, path: Path) -> None:
     arrays: dict[str, np.ndarray] = {
+        "rows_quarantined": np.int64(prepared.rows_quarantined),  # type: ignore[dict-item]
         "popularity.items": prepared.popularity.items,
         "popularity.counts": prepared.popularity.counts,
         "popularity.buckets": prepared.popularity.buckets,
@@ -129,9 +149,10 @@ def _save(prepared: Prepared, path: Path) -> None:
     staging = path.with_name(f"{path.stem}.{os.getpid()}.partial")  # runs preparing at once stay apart
     with open(staging, "wb") as fh:
         np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy's stubs miss the keyword form
-    for older in path.parent.glob("*.npz"):  # one entry: the export as it is now
-        older.unlink()
     staging.replace(path)
+    for older in path.parent.glob("*.npz"):  # one entry: the export as it is now
+        if older != path:
+            older.unlink(missing_ok=True)
 
 
 def _load(path: Path) -> Prepared | None:
@@ -155,7 +176,7 @@ def _load(path: Path) -> Prepared | None:
         return None
     if not all(_consistent(w) for w in parts.values()):
         return None
-    return Prepared(parts["train"], parts["validation"], popularity)
+    return Prepared(parts["train"], parts["validation"], popularity, int(arrays["rows_quarantined"]))
 
 
 def _consistent(windows: Windows) -> bool:
