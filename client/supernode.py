@@ -26,6 +26,8 @@ from fedanom.common.flower import flower_environment, own_flower_processes, run_
 RETRY_SECONDS = 5.0  # between attempts to (re)join, when the SuperNode itself gives up
 WORKER_START_TIMEOUT_S = 120.0  # for the warm worker to import the model stack and listen
 STOP_TIMEOUT_S = 10.0  # for the warm worker to stop before it is killed
+WORKER_SOCKET = "worker.sock"  # in the state directory: where the warm worker listens
+WORKER_KEY = "worker.key"  # in the state directory: the secret a connection to it must prove
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def warm_worker(
         stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-    while not (state_dir / "worker.sock").exists() and worker.poll() is None and time.monotonic() < deadline:
+    while not (state_dir / WORKER_SOCKET).exists() and worker.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     try:
         yield worker

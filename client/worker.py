@@ -40,11 +40,11 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from fedanom.client.merchant import Merchant
+from fedanom.client.supernode import WORKER_KEY as KEY
+from fedanom.client.supernode import WORKER_SOCKET as SOCKET
 from fedanom.common.errors import BudgetExhausted, FedanomError
 from fedanom.common.records import Metrics, to_numpy, to_record
 
-SOCKET = "worker.sock"
-KEY = "worker.key"
 MAX_REQUEST_BYTES = 1 << 30  # an adapter is kilobytes; a bound keeps a bad sender from exhausting memory
 # what the worker answers instead of a result, and the exception the ClientApp raises for it
 FAILED_AS = {"budget": BudgetExhausted, "setup": FedanomError}
@@ -55,22 +55,23 @@ Result = tuple[dict[str, np.ndarray], Metrics]
 
 def train(merchant: Merchant, config: Mapping[str, object], arrays: ArrayRecord, this_round: int) -> Result:
     """`rounds.train_round` in the merchant's worker if one answers, else in this process."""
-    answer = _ask(merchant, {"kind": "train", "config": dict(config), "round": this_round}, arrays)
-    if answer is not None:
-        return answer
-    from fedanom.client.rounds import train_round  # the model stack: every message is a fresh process
-
-    return train_round(merchant, config, arrays, this_round)
+    request = {"kind": "train", "config": dict(config), "round": this_round}
+    return _ask(merchant, request, arrays) or _work(merchant, request, arrays)
 
 
 def evaluate(merchant: Merchant, config: Mapping[str, object], arrays: ArrayRecord) -> Metrics:
     """`rounds.evaluate_round` in the merchant's worker if one answers, else in this process."""
-    answer = _ask(merchant, {"kind": "evaluate", "config": dict(config)}, arrays)
-    if answer is not None:
-        return answer[1]
-    from fedanom.client.rounds import evaluate_round
+    request = {"kind": "evaluate", "config": dict(config)}
+    return (_ask(merchant, request, arrays) or _work(merchant, request, arrays))[1]
 
-    return evaluate_round(merchant, config, arrays)
+
+def _work(merchant: Merchant, request: Mapping[str, Any], arrays: ArrayRecord) -> Result:
+    """The request's model work, in this process (the worker's, or a ClientApp's where none answers)."""
+    from fedanom.client import rounds  # the model stack: every message is a fresh process
+
+    if request["kind"] == "train":
+        return rounds.train_round(merchant, request["config"], arrays, int(request["round"]))
+    return {}, rounds.evaluate_round(merchant, request["config"], arrays)
 
 
 def _ask(merchant: Merchant, request: dict[str, Any], arrays: ArrayRecord) -> Result | None:
@@ -110,7 +111,7 @@ def _receive(connection: Connection) -> tuple[dict[str, Any], dict[str, np.ndarr
 
 def serve(state_dir: Path) -> None:
     """Import the model stack, then answer the ClientApp processes' requests one at a time, for ever."""
-    from fedanom.client import rounds
+    from fedanom.client import rounds  # noqa: F401  # before it listens: its import is the cold start it saves
 
     state_dir.mkdir(parents=True, exist_ok=True)
     address, key_file = state_dir / SOCKET, state_dir / KEY
@@ -130,20 +131,16 @@ def serve(state_dir: Path) -> None:
                 log.warning("refused a connection: %s", exc)
                 continue
             with connection:
-                _answer(connection, rounds)
+                _answer(connection)
 
 
-def _answer(connection: Connection, rounds: Any) -> None:
+def _answer(connection: Connection) -> None:
     """One request, answered with a result or with why it failed (the ClientApp maps that to its code)."""
     started, request = time.perf_counter(), dict[str, Any]()
     try:
         request, arrays = _receive(connection)
         merchant = Merchant(**_merchant_fields(request["merchant"]))
-        incoming, config = to_record(arrays), request["config"]
-        if request["kind"] == "train":
-            update, metrics = rounds.train_round(merchant, config, incoming, int(request["round"]))
-        else:
-            update, metrics = {}, rounds.evaluate_round(merchant, config, incoming)
+        update, metrics = _work(merchant, request, to_record(arrays))
         header: dict[str, Any] = {"metrics": {name: float(value) for name, value in metrics.items()}}
     except BudgetExhausted as exc:
         header, update = {"failed": "budget", "reason": str(exc)}, {}
