@@ -99,7 +99,7 @@ def _ask(merchant: Merchant, request: dict[str, Any], arrays: ArrayRecord) -> Re
 def _send(connection: Connection, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stubs miss the keyword form
-    connection.send_bytes(json.dumps(header).encode())
+    connection.send_bytes(json.dumps(header, default=float).encode())  # numpy scalars as plain numbers
     connection.send_bytes(buffer.getvalue())
 
 
@@ -141,7 +141,7 @@ def _answer(connection: Connection) -> None:
         request, arrays = _receive(connection)
         merchant = Merchant(**_merchant_fields(request["merchant"]))
         update, metrics = _work(merchant, request, to_record(arrays))
-        header: dict[str, Any] = {"metrics": {name: float(value) for name, value in metrics.items()}}
+        header: dict[str, Any] = {"metrics": dict(metrics)}
     except BudgetExhausted as exc:
         header, update = {"failed": "budget", "reason": str(exc)}, {}
     except FedanomError as exc:

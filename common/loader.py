@@ -98,7 +98,7 @@ class LoadReport:
 
 
 @dataclass
-class _BadRow:
+class BadRow:
     row: int  # stream row index, or -1 - k for the k-th row with a wrong field count
     reason: str
     column: str
@@ -130,7 +130,7 @@ class EventReader:
         self.report = LoadReport(
             path=self.path, quarantine_path=Path(quarantine_path) if quarantine_path else None
         )
-        self._bad: list[_BadRow] = []
+        self._bad: list[BadRow] = []
         self._wrong_field_rows: list[str] = []
         self._header: list[str] = []
         self._wrong_field_lines: list[int] = []
@@ -298,6 +298,13 @@ class EventReader:
                 self.progress(done, total)
             yield batch
 
+    def validate(self, batch: pa.RecordBatch, row0: int = 0) -> tuple[pa.Table, list[BadRow]]:
+        """Rows that arrive without a file (`fedanom serve`'s requests), checked as a file's are: the
+        valid ones as canonical events, and every bad one with its reason; nothing is kept between calls."""
+        table = self._convert(batch, row0)
+        bad, self._bad = self._bad, []
+        return table, bad
+
     # -------------------------------------------------------------------------------------------- converting
     def _convert(self, batch: pa.RecordBatch, row0: int) -> pa.Table:
         """Validate one batch; return its valid rows as canonical events and record the bad ones."""
@@ -449,7 +456,7 @@ class EventReader:
             col = str(column[i])
             value = text[col][int(i)].as_py() if col in text else None
             self._bad.append(
-                _BadRow(
+                BadRow(
                     row=row0 + int(i),
                     reason=str(reason[i]),
                     column=col,
@@ -482,13 +489,13 @@ class EventReader:
         self.report.insert_points = np.array([ln - first - k for k, ln in enumerate(lines)], dtype=np.int64)
         for k, text in enumerate(self._wrong_field_rows):
             self._bad.append(
-                _BadRow(
+                BadRow(
                     row=-1 - k, reason=WRONG_FIELD_COUNT, column="", value=str(len(self._header)), record=text
                 )
             )
         self._wrong_field_lines = lines
 
-    def _bad_rows_with_lines(self) -> list[tuple[int, _BadRow]]:
+    def _bad_rows_with_lines(self) -> list[tuple[int, BadRow]]:
         stream = np.array([b.row for b in self._bad if b.row >= 0], dtype=np.int64)
         stream_lines = iter(self.report.line_numbers(stream).tolist())
         wrong = self._wrong_field_lines

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedanom.client.commands import client, score, train
+from fedanom.client.commands import client, score, serve, train
 from fedanom.common.check import DataSummary, summarize
 from fedanom.common.errors import FedanomError
 from fedanom.common.prepared import cache_state
@@ -42,6 +42,7 @@ app.command("pretrain")(pretrain)
 app.command("train")(train)
 app.command("score")(score)
 app.command("client")(client)
+app.command("serve")(serve)
 app.command("server")(server)
 app.command("simulate")(simulate)
 

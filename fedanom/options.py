@@ -29,33 +29,40 @@ err = Console(stderr=True, soft_wrap=True)  # one message, one line (logs get gr
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# How a merchant's events are named and written, for files and served events alike.
+PresetOption = Annotated[
+    str | None,
+    typer.Option("--preset", "-p", help=f"Export format: {', '.join(PRESETS)}; omit for --map."),
+]
+MapOption = Annotated[
+    str | None,
+    typer.Option(
+        "--map",
+        help="Column mapping FIELD=COLUMN,... (fields: user_id, timestamp, event_type, item_id, "
+        "session_id, category, price); event_type=const:view for a log with no event column.",
+    ),
+]
+TimestampFormatOption = Annotated[
+    str | None, typer.Option("--timestamp-format", help="auto, unix_s, unix_ms or a strptime pattern.")
+]
+EventTypeOption = Annotated[
+    list[str] | None,
+    typer.Option("--event-type", help="Declare a custom event type: NAME=STANDARD, or NAME (-> other)."),
+]
+
+
 @dataclass
 class DataSource:
     """An events file and how to read it."""
 
     data: Annotated[Path, typer.Option("--data", "-d", help="Events file: CSV, CSV.gz or Parquet.")]
-    preset: Annotated[
-        str | None,
-        typer.Option("--preset", "-p", help=f"Export format: {', '.join(PRESETS)}; omit for --map."),
-    ] = None
-    mapping: Annotated[
-        str | None,
-        typer.Option(
-            "--map",
-            help="Column mapping FIELD=COLUMN,... (fields: user_id, timestamp, event_type, item_id, "
-            "session_id, category, price); event_type=const:view for a log with no event column.",
-        ),
-    ] = None
+    preset: PresetOption = None
+    mapping: MapOption = None
     sep: Annotated[
         str | None, typer.Option("--sep", help="Field delimiter (default: the preset's, else ',').")
     ] = None
-    timestamp_format: Annotated[
-        str | None, typer.Option("--timestamp-format", help="auto, unix_s, unix_ms or a strptime pattern.")
-    ] = None
-    event_type: Annotated[
-        list[str] | None,
-        typer.Option("--event-type", help="Declare a custom event type: NAME=STANDARD, or NAME (-> other)."),
-    ] = None
+    timestamp_format: TimestampFormatOption = None
+    event_type: EventTypeOption = None
     on_bad_rows: Annotated[
         str,
         typer.Option(

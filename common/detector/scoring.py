@@ -131,7 +131,7 @@ def explain(
         for nll, token in zip(surprise.context[i], windows.context[i], strict=True)
     ]
     candidates += [
-        (float(surprise.event[e]), _model_words(surprise.event[e], windows, e)) for e in range(lo, hi)
+        (float(surprise.event[e]), event_words(surprise.event[e], windows, e)) for e in range(lo, hi)
     ]
     if not np.isnan(surprise.end[i]):
         end = float(surprise.end[i])
@@ -142,7 +142,8 @@ def explain(
     return [words for _, words in candidates[:k]]
 
 
-def _model_words(nll: float, windows: Windows, e: int) -> str:
+def event_words(nll: float, windows: Windows, e: int) -> str:
+    """Event e and how surprising the model found it (`nll`), in words."""
     return f"{_describe_event(windows, e)}: 1-in-{np.exp(nll):,.0f} under this shop's model"
 
 

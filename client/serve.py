@@ -1,0 +1,310 @@
+"""`fedanom serve`: a merchant's live traffic scored event by event over HTTP (Starlette on uvicorn).
+
+    POST /events               one event (JSON object), a batch (JSON array) or a stream (NDJSON)
+    POST /sessions/{id}/end    the session's final score; its memory is freed
+    POST /admin/reload         load the detector again (also done on its own when the federation leaves
+                               a new one in --state-dir)
+    GET  /healthz              no key needed
+    GET  /metrics              Prometheus text
+
+Events come in the merchant's own column names, read through the same preset or --map as its exports and
+checked as a file's rows are (`common.loader`); sessions are kept and scored by `common.detector.live`.
+Everything that arrives is untrusted: a body over the size cap is refused (413) before it is read whole,
+a bad event is listed with its field and reason and nothing of the rest of its batch is lost (422 only
+when no event of the request is valid), and every route but /healthz wants the API key.
+
+The scoring runs on the event loop, one request at a time: the open sessions need no lock, and on two
+cores a second scoring thread would only compete for them. A reload reads the new detector in a thread
+and swaps it in between requests: no request fails, and open sessions finish on the model they began with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from fedanom.common.detector.artifact import MANIFEST
+from fedanom.common.detector.detector import BehaviourDetector
+from fedanom.common.detector.live import LiveSessions, LoadedDetector, Scored
+from fedanom.common.errors import FedanomError
+from fedanom.common.presets import Preset
+
+WATCH_SECONDS = 2.0  # how often the state directory is looked at for a new global detector
+EXPIRY_SECONDS = 5.0  # how often idle sessions are ended
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def load(directory: Path, device: str | None) -> LoadedDetector:
+    """The detector in `directory`, named by its manifest's hash (which changes with any of its files)."""
+    detector = BehaviourDetector.load(directory, device)
+    digest = _digest(directory)
+    return LoadedDetector(detector, digest)
+
+
+def _digest(directory: Path) -> str:
+    return hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()[:12]
+
+
+class Metrics:
+    """What /metrics shows; events per second is the rate of `fedanom_serve_events_total`."""
+
+    def __init__(self, live: LiveSessions, model: Callable[[], LoadedDetector]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.events = Counter("fedanom_serve_events", "Events scored.", registry=r)
+        self.rejected = Counter("fedanom_serve_events_rejected", "Events rejected as malformed.", registry=r)
+        self.latency = Histogram(
+            "fedanom_serve_event_latency_seconds",
+            "Time from a request's arrival to its answer, once per event in it.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.flags = Counter("fedanom_serve_flagged_events", "Events whose running score passed.", registry=r)
+        self.ended = Counter("fedanom_serve_sessions_ended", "Sessions ended, by how.", ["how"], registry=r)
+        self.ended_flagged = Counter(
+            "fedanom_serve_sessions_flagged", "Ended sessions whose final score passed.", registry=r
+        )
+        self.reloads = Counter("fedanom_serve_reloads", "Detectors loaded after the first.", registry=r)
+        Gauge("fedanom_serve_open_sessions", "Sessions open now.", registry=r).set_function(
+            lambda: len(live.sessions)
+        )
+        Gauge("fedanom_serve_open_session_bytes", "Memory the open sessions hold.", registry=r).set_function(
+            lambda: live.held_bytes
+        )
+        Gauge("fedanom_serve_evictions", "Open sessions dropped at the memory cap.", registry=r).set_function(
+            lambda: live.evicted
+        )
+        Gauge("fedanom_serve_threshold", "The flag threshold in force.", registry=r).set_function(
+            lambda: live.threshold(model())
+        )
+        Gauge("fedanom_serve_model_age_seconds", "Since the detector was loaded.", registry=r).set_function(
+            lambda: time.time() - model().loaded_at
+        )
+        self.model_info = Gauge("fedanom_serve_model", "The detector in force (1).", ["hash"], registry=r)
+
+
+class Service:
+    """The served detector and its open sessions, behind the HTTP routes."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        live: LiveSessions,
+        *,
+        api_key: str | None,
+        max_body_bytes: int,
+        watch: Path | None,
+        device: str | None,
+    ) -> None:
+        self.model_dir, self.live, self.api_key = model_dir, live, api_key
+        self.max_body_bytes, self.watch, self.device = max_body_bytes, watch, device
+        self.metrics = Metrics(live, lambda: self.live.model)
+        self.metrics.model_info.labels(live.model.digest).set(1)
+        self.watched = self._stamp()
+        self.reloading = asyncio.Lock()
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/events", self._guarded(self.events), methods=["POST"]),
+            Route("/sessions/{session_id:path}/end", self._guarded(self.end), methods=["POST"]),
+            Route("/admin/reload", self._guarded(self.reload), methods=["POST"]),
+            Route("/metrics", self._guarded(self.metrics_page), methods=["GET"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+        ]
+        return Starlette(routes=routes, lifespan=self._lifespan)
+
+    # -------------------------------------------------------------------------------------------- routes
+    async def events(self, request: Request) -> Response:
+        started = time.perf_counter()
+        records = _parse(await self._body(request), request.headers.get("content-type", ""))
+        answers, rejected, finals = self.live.add(records)
+        self._count_ended(finals, "gap")
+        elapsed = time.perf_counter() - started
+        for _ in answers:
+            self.metrics.latency.observe(elapsed)
+        self.metrics.events.inc(len(answers))
+        self.metrics.rejected.inc(len(rejected))
+        self.metrics.flags.inc(sum(a.flagged for _, a in answers))
+        body = {
+            "events": [{"index": i, **a.as_json()} for i, a in answers],
+            "rejected": rejected,
+            "ended": [f.as_json() for f in finals],
+        }
+        return JSONResponse(body, status_code=422 if rejected and not answers else 200)
+
+    async def end(self, request: Request) -> Response:
+        session_id = request.path_params["session_id"]
+        final = self.live.end(session_id)
+        if final is None:
+            raise RequestError(404, f"no open session '{session_id}'")
+        self._count_ended([final], "end")
+        return JSONResponse(final.as_json())
+
+    async def reload(self, request: Request) -> Response:
+        await self._reload()
+        return JSONResponse({"model": self.live.model.digest})
+
+    async def metrics_page(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": self.live.model.digest})
+
+    # ----------------------------------------------------------------------------------------- plumbing
+    def _guarded(
+        self, route: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def guarded(request: Request) -> Response:
+            try:
+                if self.api_key is not None and not secrets.compare_digest(
+                    _presented_key(request).encode(), self.api_key.encode()
+                ):
+                    raise RequestError(401, "a valid API key is required (Authorization: Bearer KEY)")
+                return await route(request)
+            except RequestError as exc:
+                return JSONResponse({"error": exc.reason}, status_code=exc.status)
+            except FedanomError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=422)
+
+        return guarded
+
+    async def _body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length", "")
+        too_big = RequestError(413, f"the body is over {self.max_body_bytes:,} bytes: send smaller batches")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise too_big
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body_bytes:
+                raise too_big
+        return bytes(body)
+
+    def _count_ended(self, finals: list[Scored], how: str) -> None:
+        self.metrics.ended.labels(how).inc(len(finals))
+        self.metrics.ended_flagged.inc(sum(f.flagged for f in finals))
+        for final in finals:
+            if final.flagged:
+                log.info("flagged session %s: score %.3f; %s", final.session_id, final.score, final.words)
+
+    async def _reload(self) -> None:
+        async with self.reloading:
+            directory = self.watch if self.watch is not None and self.watch.exists() else self.model_dir
+            loaded = await anyio.to_thread.run_sync(load, directory, self.device)
+            old = self.live.model
+            self.live.threshold(loaded)  # a detector without a calibration fails here, before the swap
+            self.live.model = loaded  # new sessions start on it; open ones keep theirs
+            self.metrics.model_info.remove(old.digest)
+            self.metrics.model_info.labels(loaded.digest).set(1)
+            self.metrics.reloads.inc()
+            log.info("serving the detector %s from %s (was %s)", loaded.digest, directory, old.digest)
+
+    def _stamp(self) -> int | None:
+        if self.watch is None:
+            return None
+        with contextlib.suppress(OSError):
+            return (self.watch / MANIFEST).stat().st_mtime_ns
+        return None
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._watch_and_expire)
+            yield
+            tasks.cancel_scope.cancel()
+
+    async def _watch_and_expire(self) -> None:
+        last_expiry = time.monotonic()
+        while True:
+            await anyio.sleep(WATCH_SECONDS)
+            stamp = self._stamp()
+            if stamp is not None and stamp != self.watched:
+                self.watched = stamp
+                try:
+                    await self._reload()
+                except (FedanomError, OSError) as exc:  # half a save, a damaged file: keep serving
+                    log.warning("the new detector in %s was not loaded: %s", self.watch, exc)
+            if time.monotonic() - last_expiry >= EXPIRY_SECONDS:
+                last_expiry = time.monotonic()
+                self._count_ended(self.live.expire(), "expired")
+
+
+def _presented_key(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return request.headers.get("x-api-key", "")
+
+
+def _parse(body: bytes, content_type: str) -> list[Any]:
+    """The events of a body: NDJSON (one event per line) or JSON (one event, or an array of them)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(400, f"the body is not UTF-8 (byte {exc.start})") from None
+    if "ndjson" in content_type or "jsonl" in content_type:
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise RequestError(400, f"line {number} of the body is not JSON ({exc.msg})") from None
+        return records
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(400, f"the body is not JSON ({exc.msg} at line {exc.lineno})") from None
+    return parsed if isinstance(parsed, list) else [parsed]
+
+
+def run_service(
+    model_dir: Path,
+    preset: Preset,
+    *,
+    host: str,
+    port: int,
+    api_key: str | None,
+    watch: Path | None,
+    alert_rate: float | None,
+    max_bytes: int,
+    max_body_bytes: int,
+    refresh_s: float,
+    device: str | None,
+) -> None:
+    """Serve until stopped (Ctrl-C or SIGTERM; uvicorn finishes the requests in flight)."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s fedanom serve: %(message)s")
+    live = LiveSessions(
+        load(model_dir, device), preset, alert_rate=alert_rate, max_bytes=max_bytes, refresh_s=refresh_s
+    )
+    service = Service(
+        model_dir, live, api_key=api_key, max_body_bytes=max_body_bytes, watch=watch, device=device
+    )
+    log.info("serving the detector %s from %s at http://%s:%d", live.model.digest, model_dir, host, port)
+    uvicorn.run(service.app(), host=host, port=port, log_level="warning", access_log=False)

@@ -1,0 +1,296 @@
+"""Live scoring: a merchant's events scored as they arrive, each against its session so far.
+
+`fedanom serve` keeps its open sessions here. An event joins its open session, cut as `fedanom score`
+cuts them (the export's session id, else the user's run of events ended by the inactivity gap), and the
+session is scored by the batch scorer's own code: its events so far become one session of a `Windows`
+and `BehaviourDetector.combine` scores it. A running score is the score the session would get if it
+were cut off after this event, not ended (no `<eos>`); the final score, taken when the session ends, is
+the one `fedanom score` gives the same events (a test holds them equal to 1e-4).
+
+Each event re-reads its session's windows rather than taking one step on a key/value cache: the context
+tokens that open a window summarise the whole window (its length, pace, item mix), so a new event changes
+what comes before every earlier event, and cached positions would no longer be the batch scorer's.
+
+Item popularity follows the served traffic as `fedanom score` follows its file: the detector's counts
+plus those of every event served so far, re-bucketed at most every `refresh_s` seconds.
+
+Open sessions are bounded by memory: past the cap, the least recently active are dropped unscored,
+logged and counted. A session that sees no event for the inactivity gap ends on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from fedanom.common.detector.detector import BehaviourDetector
+from fedanom.common.detector.scoring import event_words, explain
+from fedanom.common.loader import EventReader
+from fedanom.common.presets import Preset
+from fedanom.common.sessions import sessionize
+from fedanom.common.tokens import ItemCounter, Popularity
+from fedanom.common.windows import Windows
+
+SESSION_OVERHEAD_BYTES = 2_048  # an open session's bookkeeping beyond its events, for the memory cap
+REQUEST = Path("request")  # what a bad event's sentence names instead of a file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedDetector:
+    """A detector as loaded at one moment: sessions keep the one they started with across a reload."""
+
+    detector: BehaviourDetector
+    digest: str  # the detector's manifest hash, short: which model scored an event
+    loaded_at: float = field(default_factory=time.time)
+    popularity: Popularity | None = None  # the detector's counts plus the served traffic's
+    refreshed_at: float = 0.0
+
+
+@dataclass
+class OpenSession:
+    key: str  # the session id `fedanom score` gives it
+    model: LoadedDetector
+    events: pa.Table
+    last_ts: int
+    touched: float = field(default_factory=time.monotonic)
+
+    @property
+    def nbytes(self) -> int:
+        return self.events.nbytes + SESSION_OVERHEAD_BYTES
+
+
+@dataclass
+class Scored:
+    """One event's answer, or a session's final one (`event` None)."""
+
+    session_id: str
+    score: float
+    flagged: bool
+    model: str
+    events: int
+    words: list[str]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "score": self.score,
+            "flagged": self.flagged,
+            "events": self.events,
+            "model": self.model,
+            "why": self.words,
+        }
+
+
+class LiveSessions:
+    """The open sessions of one served stream, scored event by event."""
+
+    def __init__(
+        self,
+        model: LoadedDetector,
+        preset: Preset,
+        *,
+        alert_rate: float | None = None,
+        max_bytes: int = 256 << 20,
+        refresh_s: float = 60.0,
+    ) -> None:
+        self.model = model
+        self.reader = EventReader(REQUEST, preset)
+        self.alert_rate = alert_rate
+        self.max_bytes = max_bytes
+        self.refresh_s = refresh_s
+        self.sessions: OrderedDict[int, OpenSession] = OrderedDict()  # by group key, least recent first
+        self.by_id: dict[str, int] = {}
+        self.served = ItemCounter()
+        self.held_bytes = 0
+        self.evicted = 0
+        self.threshold(model)  # a bad alert rate fails at start, not on the first event
+
+    def threshold(self, model: LoadedDetector) -> float:
+        return model.detector.threshold(self.alert_rate)
+
+    def add(
+        self, records: list[Mapping[str, Any]]
+    ) -> tuple[list[tuple[int, Scored]], list[dict[str, Any]], list[Scored]]:
+        """Score each valid record against its session: (position, answer) per event, the rejected ones
+        with field and reason, and the sessions these events ended (a user's inactivity gap passed)."""
+        table, rejected = self._validate(records)
+        sess = table.column("sess").to_numpy()
+        by_id = sess != 0
+        group = np.where(by_id, sess, table.column("user").to_numpy())
+        ts = table.column("ts").to_numpy()
+        self.served.add(table.column("item").to_numpy())
+        gap_ms = int(self.model.detector.session.gap_minutes * 60_000)
+        pieces: list[tuple[OpenSession, pa.Table, bool]] = []
+        positions: list[int] = []
+        ended: list[OpenSession] = []
+        for i in range(table.num_rows):
+            key = int(group[i])
+            session = self.sessions.get(key)
+            if session is not None and not by_id[i] and ts[i] - session.last_ts > gap_ms:
+                ended.append(self._close(key))
+                session = None
+            row = table.take([i])  # a copy: a session must not hold its request's buffers alive
+            if session is None:
+                session = self._open(key, row)
+            else:
+                self.held_bytes -= session.nbytes
+                session.events = pa.concat_tables([session.events, row]).combine_chunks()
+                session.last_ts = max(session.last_ts, int(ts[i]))
+            session.touched = time.monotonic()
+            self.sessions.move_to_end(key)
+            self.held_bytes += session.nbytes
+            pieces.append((session, session.events, False))
+            positions.append(int(table.column("row")[i].as_py()) - 1)
+        answers = self._score(pieces)
+        finals = self._score([(s, s.events, True) for s in ended])
+        self._evict()
+        return list(zip(positions, answers, strict=True)), rejected, finals
+
+    def end(self, session_id: str) -> Scored | None:
+        """The session's final score, its memory freed; None if no such session is open."""
+        key = self.by_id.get(session_id)
+        if key is None:
+            return None
+        session = self._close(key)
+        return self._score([(session, session.events, True)])[0]
+
+    def expire(self, idle_s: float | None = None) -> list[Scored]:
+        """End the sessions that saw no event for the inactivity gap (or `idle_s`), with their finals."""
+        idle = self.model.detector.session.gap_minutes * 60 if idle_s is None else idle_s
+        now = time.monotonic()
+        stale = [key for key, s in self.sessions.items() if now - s.touched >= idle]
+        closed = [self._close(key) for key in stale]
+        return self._score([(s, s.events, True) for s in closed])
+
+    # ------------------------------------------------------------------------------------------ inside
+    def _validate(self, records: list[Mapping[str, Any]]) -> tuple[pa.Table, list[dict[str, Any]]]:
+        columns = self.reader.preset.source_columns()
+        rejected: list[dict[str, Any]] = []
+        plain: list[dict[str, str | None]] = []
+        for i, record in enumerate(records):
+            why = _not_an_event(record, columns)
+            if why:
+                rejected.append({"index": i, **why})
+                plain.append(dict.fromkeys(columns))  # kept in place so positions stay the request's
+            else:
+                plain.append({c: _text(record.get(c)) for c in columns})
+        batch = pa.RecordBatch.from_pydict({c: pa.array([p[c] for p in plain], pa.string()) for c in columns})
+        table, bad = self.reader.validate(batch, row0=1)  # rows count from 1, as an NDJSON body's lines
+        early = {r["index"] for r in rejected}
+        keep = np.array([int(r) - 1 not in early for r in table.column("row").to_numpy()], dtype=bool)
+        rejected += [
+            {"index": b.row - 1, "field": b.column, "reason": b.reason} for b in bad if b.row - 1 not in early
+        ]
+        rejected.sort(key=lambda r: r["index"])
+        return table.filter(pa.array(keep)), rejected
+
+    def _open(self, key: int, row: pa.Table) -> OpenSession:
+        sess_raw = row.column("sess_raw")[0].as_py()
+        start = int(row.column("ts")[0].as_py())
+        name = sess_raw if sess_raw is not None else f"{row.column('user_raw')[0].as_py()}:{start}"
+        session = OpenSession(key=name, model=self.model, events=row, last_ts=start)
+        self.sessions[key] = session
+        self.by_id[name] = key
+        return session
+
+    def _close(self, key: int) -> OpenSession:
+        session = self.sessions.pop(key)
+        self.by_id.pop(session.key, None)
+        self.held_bytes -= session.nbytes
+        return session
+
+    def _evict(self) -> None:
+        while self.held_bytes > self.max_bytes and len(self.sessions) > 1:
+            key, oldest = next(iter(self.sessions.items()))
+            self._close(key)
+            self.evicted += 1
+            log.warning(
+                "memory cap: dropped the least recently active open session %s (%d events) unscored",
+                oldest.key,
+                oldest.events.num_rows,
+            )
+
+    def _popularity(self, model: LoadedDetector) -> Popularity:
+        now = time.monotonic()
+        if model.popularity is None or now - model.refreshed_at >= self.refresh_s:
+            model.popularity = model.detector.popularity.updated(self.served.popularity())
+            model.refreshed_at = now
+        return model.popularity
+
+    def _score(self, pieces: list[tuple[OpenSession, pa.Table, bool]]) -> list[Scored]:
+        """Each piece (a session's events so far, ended or not) scored as a session of its own, with
+        the model its session started with; pieces of one model share one pass."""
+        answers: dict[int, Scored] = {}
+        for model in {id(s.model): s.model for s, _, _ in pieces}.values():
+            mine = [i for i, (s, _, _) in enumerate(pieces) if s.model is model]
+            answers.update(zip(mine, self._score_with(model, [pieces[i] for i in mine]), strict=True))
+        return [answers[i] for i in range(len(pieces))]
+
+    def _score_with(
+        self, model: LoadedDetector, pieces: list[tuple[OpenSession, pa.Table, bool]]
+    ) -> list[Scored]:
+        if not pieces:
+            return []
+        detector = model.detector
+        tables = [_as_session(events, i) for i, (_, events, _) in enumerate(pieces)]
+        windows = Windows.from_batches(
+            [sessionize(pa.concat_tables(tables), detector.session)], self._popularity(model)
+        )
+        piece_of = windows.session.astype(np.int64)
+        ended = np.array([closed for _, _, closed in pieces])
+        windows.closes_session &= ended[piece_of]  # a running session has not ended: no <eos> yet
+        surprise = detector.surprise(windows)
+        scores = detector.combine(surprise, windows)
+        threshold = self.threshold(model)
+        answers = []
+        for i, (session, events, closed) in enumerate(pieces):
+            own = np.flatnonzero(piece_of == i)
+            best = own[np.argmax(scores[own])]
+            last = own[-1]
+            if closed:
+                words = explain(surprise, windows, int(best), reference=detector.reference)
+            else:
+                e = int(windows.offsets[last + 1] - 1)
+                words = [event_words(float(surprise.event[e]), windows, e)]
+            score = float(scores[best])
+            answers.append(
+                Scored(session.key, score, score > threshold, model.digest, events.num_rows, words)
+            )
+        return answers
+
+
+def _as_session(events: pa.Table, piece: int) -> pa.Table:
+    """The events as a session of their own (an export session id that is the piece's number), so one
+    sessionize pass keeps every piece apart, whatever user or gap they share."""
+    n = events.num_rows
+    sess = events.schema.get_field_index("sess")
+    events = events.set_column(sess, "sess", pa.array(np.full(n, piece + 1, dtype=np.uint64)))
+    raw = events.schema.get_field_index("sess_raw")
+    return events.set_column(raw, "sess_raw", pa.array([str(piece)] * n, pa.string()))
+
+
+def _not_an_event(record: object, columns: Iterable[str]) -> dict[str, str] | None:
+    if not isinstance(record, Mapping):
+        return {"field": "", "reason": f"an event is a JSON object, not {type(record).__name__}"}
+    for column in columns:
+        if isinstance(record.get(column), (dict, list)):
+            return {"field": column, "reason": "holds a JSON object or list, not one value"}
+    return None
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
