@@ -13,9 +13,11 @@ Everything that arrives is untrusted: a body over the size cap is refused (413) 
 a bad event is listed with its field and reason and nothing of the rest of its batch is lost (422 only
 when no event of the request is valid), and every route but /healthz wants the API key.
 
-The scoring runs on the event loop, one request at a time: the open sessions need no lock, and on two
-cores a second scoring thread would only compete for them. A reload reads the new detector in a thread
-and swaps it in between requests: no request fails, and open sessions finish on the model they began with.
+Scoring runs in one thread, one pass at a time (the open sessions need no lock), while the event loop
+keeps reading requests: the requests that arrive during a pass are scored together in the next one, so
+a pass's fixed cost (the isolation forest's hundred trees, one call of the model) is paid once for all
+of them. A reload reads the new detector in a thread and swaps it in between passes: no request fails,
+and open sessions finish on the model they began with.
 """
 
 from __future__ import annotations
@@ -107,6 +109,55 @@ class Metrics:
         self.model_info = Gauge("fedanom_serve_model", "The detector in force (1).", ["hash"], registry=r)
 
 
+Answer = tuple[list[tuple[int, Scored]], list[dict[str, Any]], list[tuple[int, Scored]]]
+
+
+class Batcher:
+    """One scoring thread for the open sessions; the requests that wait for it share its next pass."""
+
+    def __init__(self, live: LiveSessions) -> None:
+        self.live = live
+        self.waiting: list[tuple[list[Any], asyncio.Future[Answer]]] = []
+        self.wake = asyncio.Event()
+        self.one_at_a_time = anyio.CapacityLimiter(1)
+
+    async def add(self, records: list[Any]) -> Answer:
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self.waiting.append((records, future))
+        self.wake.set()
+        return await future
+
+    async def run(self, work: Callable[..., Any], *args: Any) -> Any:
+        """`work` on the open sessions, in the scoring thread, after the pass before it."""
+        return await anyio.to_thread.run_sync(work, *args, limiter=self.one_at_a_time)
+
+    async def serve_forever(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            batch, self.waiting = self.waiting, []
+            try:
+                answer: Answer = await self.run(self.live.add, [r for records, _ in batch for r in records])
+            except Exception as exc:  # a fault of the pass: every request in it gets it
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            start = 0
+            for records, future in batch:
+                future.set_result(_part(answer, start, start + len(records)))
+                start += len(records)
+
+
+def _part(answer: Answer, start: int, stop: int) -> Answer:
+    """The answers to one request's events (positions start..stop of the pass), renumbered from 0."""
+    events, rejected, finals = answer
+    return (
+        [(i - start, a) for i, a in events if start <= i < stop],
+        [{**r, "index": r["index"] - start} for r in rejected if start <= r["index"] < stop],
+        [(i - start, f) for i, f in finals if start <= i < stop],
+    )
+
+
 class Service:
     """The served detector and its open sessions, behind the HTTP routes."""
 
@@ -122,6 +173,7 @@ class Service:
     ) -> None:
         self.model_dir, self.live, self.api_key = model_dir, live, api_key
         self.max_body_bytes, self.watch, self.device = max_body_bytes, watch, device
+        self.batcher = Batcher(live)
         self.metrics = Metrics(live, lambda: self.live.model)
         self.metrics.model_info.labels(live.model.digest).set(1)
         self.watched = self._stamp()
@@ -141,7 +193,8 @@ class Service:
     async def events(self, request: Request) -> Response:
         started = time.perf_counter()
         records = _parse(await self._body(request), request.headers.get("content-type", ""))
-        answers, rejected, finals = self.live.add(records)
+        answers, rejected, ended = await self.batcher.add(records)
+        finals = [final for _, final in ended]
         self._count_ended(finals, "gap")
         elapsed = time.perf_counter() - started
         for _ in answers:
@@ -158,7 +211,7 @@ class Service:
 
     async def end(self, request: Request) -> Response:
         session_id = request.path_params["session_id"]
-        final = self.live.end(session_id)
+        final = await self.batcher.run(self.live.end, session_id)
         if final is None:
             raise RequestError(404, f"no open session '{session_id}'")
         self._count_ended([final], "end")
@@ -234,6 +287,7 @@ class Service:
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self._watch_and_expire)
+            tasks.start_soon(self.batcher.serve_forever)
             yield
             tasks.cancel_scope.cancel()
 
@@ -250,7 +304,7 @@ class Service:
                     log.warning("the new detector in %s was not loaded: %s", self.watch, exc)
             if time.monotonic() - last_expiry >= EXPIRY_SECONDS:
                 last_expiry = time.monotonic()
-                self._count_ended(self.live.expire(), "expired")
+                self._count_ended(await self.batcher.run(self.live.expire), "expired")
 
 
 def _presented_key(request: Request) -> str:

@@ -142,6 +142,10 @@ def test_the_feature_reference_scores_what_this_shop_rarely_shows(tmp_path: Path
     together = reference.surprise(np.vstack([typical, extreme]))
     assert together[0] < np.median(own) and together[1] > own.max()
     assert reference.surprise(extreme)[0] == together[1]  # the same, whatever is scored with it
+    probes = np.vstack([shop[:500], rng.lognormal(size=(500, len(FEATURE_NAMES))) * 3, extreme])
+    np.testing.assert_allclose(
+        reference.surprise(probes), -reference.forest.score_samples(probes), rtol=1e-12
+    )
     words = reference.describe(extreme[0])
     assert max(words)[1].startswith(f"{FEATURE_NAMES[0]} ") or "higher than 99.9%" in max(words)[1]
     reference.save(tmp_path)

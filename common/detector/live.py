@@ -63,10 +63,10 @@ class OpenSession:
     events: pa.Table
     last_ts: int
     touched: float = field(default_factory=time.monotonic)
+    nbytes: int = 0  # what it holds, for the memory cap: set with its events (Arrow's count is not free)
 
-    @property
-    def nbytes(self) -> int:
-        return self.events.nbytes + SESSION_OVERHEAD_BYTES
+    def hold(self, events: pa.Table) -> None:
+        self.events, self.nbytes = events, events.nbytes + SESSION_OVERHEAD_BYTES
 
 
 @dataclass
@@ -120,41 +120,48 @@ class LiveSessions:
 
     def add(
         self, records: list[Mapping[str, Any]]
-    ) -> tuple[list[tuple[int, Scored]], list[dict[str, Any]], list[Scored]]:
+    ) -> tuple[list[tuple[int, Scored]], list[dict[str, Any]], list[tuple[int, Scored]]]:
         """Score each valid record against its session: (position, answer) per event, the rejected ones
-        with field and reason, and the sessions these events ended (a user's inactivity gap passed)."""
+        with position, field and reason, and (position, final) for each session an event ended (its
+        user's inactivity gap had passed)."""
         table, rejected = self._validate(records)
         sess = table.column("sess").to_numpy()
         by_id = sess != 0
         group = np.where(by_id, sess, table.column("user").to_numpy())
         ts = table.column("ts").to_numpy()
+        positions = table.column("row").to_numpy() - 1
         self.served.add(table.column("item").to_numpy())
         gap_ms = int(self.model.detector.session.gap_minutes * 60_000)
         pieces: list[tuple[OpenSession, pa.Table, bool]] = []
-        positions: list[int] = []
-        ended: list[OpenSession] = []
+        ended: list[tuple[OpenSession, pa.Table, bool]] = []
+        ended_at: list[int] = []
         for i in range(table.num_rows):
             key = int(group[i])
             session = self.sessions.get(key)
             if session is not None and not by_id[i] and ts[i] - session.last_ts > gap_ms:
-                ended.append(self._close(key))
+                closed = self._close(key)
+                ended.append((closed, closed.events, True))
+                ended_at.append(int(positions[i]))
                 session = None
             row = table.take([i])  # a copy: a session must not hold its request's buffers alive
             if session is None:
                 session = self._open(key, row)
             else:
                 self.held_bytes -= session.nbytes
-                session.events = pa.concat_tables([session.events, row]).combine_chunks()
+                session.hold(pa.concat_tables([session.events, row]).combine_chunks())
                 session.last_ts = max(session.last_ts, int(ts[i]))
             session.touched = time.monotonic()
             self.sessions.move_to_end(key)
             self.held_bytes += session.nbytes
             pieces.append((session, session.events, False))
-            positions.append(int(table.column("row")[i].as_py()) - 1)
-        answers = self._score(pieces)
-        finals = self._score([(s, s.events, True) for s in ended])
+        answers = self._score(pieces + ended)
         self._evict()
-        return list(zip(positions, answers, strict=True)), rejected, finals
+        running, finals = answers[: len(pieces)], answers[len(pieces) :]
+        return (
+            list(zip(positions.tolist(), running, strict=True)),
+            rejected,
+            list(zip(ended_at, finals, strict=True)),
+        )
 
     def end(self, session_id: str) -> Scored | None:
         """The session's final score, its memory freed; None if no such session is open."""
@@ -199,6 +206,7 @@ class LiveSessions:
         start = int(row.column("ts")[0].as_py())
         name = sess_raw if sess_raw is not None else f"{row.column('user_raw')[0].as_py()}:{start}"
         session = OpenSession(key=name, model=self.model, events=row, last_ts=start)
+        session.hold(row)
         self.sessions[key] = session
         self.by_id[name] = key
         return session

@@ -14,12 +14,19 @@ popularity they describe one shop and never leave the merchant:
 
 The forest's trees travel as a skops file, which loads only the types named here, so a planted file
 cannot run code the way a pickle can; loading then checks that every tree's nodes stay inside it.
+
+Scoring reads each tree's leaf for a session and adds up the leaves' path lengths, tabled once from the
+trees' public structure (Liu et al.'s formula, as scikit-learn computes it; a test holds the two equal).
+scikit-learn's `score_samples` costs about 0.15 ms per tree per call whatever the number of sessions,
+16 ms for the forest's hundred trees: the most of a live event's answer (`fedanom serve`,
+BENCHMARKS.md); the table takes one `apply` per tree.
 """
 
 from __future__ import annotations
 
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.ensemble import IsolationForest
@@ -37,6 +44,10 @@ class FeatureReference:
     def __init__(self, quantiles: np.ndarray, forest: IsolationForest) -> None:
         self.quantiles = quantiles  # float64 [QUANTILES, n_features], ascending per column
         self.forest = forest
+        self.path_lengths = [_leaf_path_lengths(tree.tree_) for tree in forest.estimators_]
+        self.normaliser = len(forest.estimators_) * float(
+            _average_path_length(np.array([forest.max_samples_]))[0]
+        )
 
     @classmethod
     def fit(cls, features: np.ndarray, seed: int = 0) -> FeatureReference:
@@ -48,8 +59,13 @@ class FeatureReference:
 
     def surprise(self, features: np.ndarray) -> np.ndarray:
         """Feature surprise per session: the forest's anomaly score (higher = more unusual for this shop;
-        about 0.5 for a typical session, towards 1 for one that is isolated in a few splits)."""
-        return -self.forest.score_samples(features.astype(np.float32))
+        about 0.5 for a typical session, towards 1 for one that is isolated in a few splits): what
+        `-forest.score_samples` gives, with every tree's leaf path lengths tabled."""
+        x = np.ascontiguousarray(features, dtype=np.float32)
+        depth = np.zeros(len(x))
+        for tree, lengths in zip(self.forest.estimators_, self.path_lengths, strict=True):
+            depth += lengths[tree.tree_.apply(x)]
+        return np.power(2.0, -depth / self.normaliser)
 
     def tails(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """-log P(value <= x) and -log P(value >= x) of every feature of every session ([n, n_features])."""
@@ -97,6 +113,24 @@ class FeatureReference:
         return cls(quantiles, forest)
 
 
+def _leaf_path_lengths(tree: Any) -> np.ndarray:
+    """Per node: its depth plus the average path length of the samples it held (used at the leaves)."""
+    depth = np.zeros(tree.node_count)
+    for node in range(tree.node_count):  # a parent's id is always below its children's
+        for child in (tree.children_left[node], tree.children_right[node]):
+            if child != -1:
+                depth[child] = depth[node] + 1.0
+    return depth + _average_path_length(tree.n_node_samples.astype(np.float64))
+
+
+def _average_path_length(n: np.ndarray) -> np.ndarray:
+    """c(n): the average path length of an unsuccessful search in a binary tree of n samples."""
+    out = np.where(n == 2, 1.0, 0.0)
+    big = n > 2
+    out[big] = 2.0 * (np.log(n[big] - 1.0) + np.euler_gamma) - 2.0 * (n[big] - 1.0) / n[big]
+    return out
+
+
 def _problem_with(forest: object) -> str | None:
     """What makes a loaded object unfit to score: another type, another feature count, or a tree whose
     nodes point outside it (skops checks the arrays' types and shapes, not where their indices lead)."""
@@ -106,6 +140,8 @@ def _problem_with(forest: object) -> str | None:
         return (
             f"it was fitted on {getattr(forest, 'n_features_in_', 'no')} features, not {len(FEATURE_NAMES)}"
         )
+    if forest.max_features != 1.0:  # each tree would read its own subset of the columns
+        return f"its trees read {forest.max_features} of the features, not all of them"
     for tree in getattr(forest, "estimators_", []):
         nodes = tree.tree_
         children = np.concatenate([nodes.children_left, nodes.children_right])
