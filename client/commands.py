@@ -281,6 +281,21 @@ def serve(
         float, typer.Option("--max-memory-mb", help="Memory for open sessions; the least active go first.")
     ] = 256.0,
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body accepted.")] = 1.0,
+    track_alert_rate: Annotated[
+        bool,
+        typer.Option(
+            "--track-alert-rate",
+            help="Move the threshold so that the alert rate's share of recent sessions is flagged.",
+        ),
+    ] = False,
+    alert_rate_bounds: Annotated[
+        str | None,
+        typer.Option(
+            "--alert-rate-bounds",
+            help="FEWEST,MOST: the tracked threshold stays between the calibrated ones at these alert "
+            "rates (default: a quarter and four times the alert rate).",
+        ),
+    ] = None,
     popularity_refresh: Annotated[
         float,
         typer.Option(
@@ -306,6 +321,9 @@ def serve(
         raise FedanomError(
             "--max-memory-mb and --max-body-mb must be positive, --popularity-refresh not negative"
         )
+    if alert_rate_bounds and not track_alert_rate:
+        raise FedanomError("--alert-rate-bounds bounds the tracked threshold: add --track-alert-rate")
+    bounds = _alert_rate_bounds(alert_rate_bounds) if alert_rate_bounds else None
     from fedanom.client.serve import run_service  # the model stack and the web stack, once options are good
 
     run_service(
@@ -319,5 +337,17 @@ def serve(
         max_bytes=int(max_memory_mb * 2**20),
         max_body_bytes=int(max_body_mb * 2**20),
         refresh_s=popularity_refresh,
+        track=track_alert_rate,
+        bounds=bounds,
         device=device,
     )
+
+
+def _alert_rate_bounds(text: str) -> tuple[float, float]:
+    try:
+        fewest, most = (float(part) for part in text.split(","))
+    except ValueError:
+        raise FedanomError(f"--alert-rate-bounds {text}: write FEWEST,MOST, e.g. 0.0025,0.04") from None
+    if not 0 < fewest < most < 1:
+        raise FedanomError(f"--alert-rate-bounds {text}: need 0 < FEWEST < MOST < 1")
+    return fewest, most

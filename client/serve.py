@@ -348,14 +348,25 @@ def run_service(
     max_bytes: int,
     max_body_bytes: int,
     refresh_s: float,
+    track: bool,
+    bounds: tuple[float, float] | None,
     device: str | None,
 ) -> None:
     """Serve until stopped (Ctrl-C or SIGTERM; uvicorn finishes the requests in flight)."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fedanom serve: %(message)s")
+    model = load(model_dir, device)
+    rate = alert_rate if alert_rate is not None else model.detector.calibration.alert_rate  # type: ignore[union-attr]
+    if track and bounds is None:
+        bounds = (rate / 4, min(rate * 4, 0.5))
     live = LiveSessions(
-        load(model_dir, device), preset, alert_rate=alert_rate, max_bytes=max_bytes, refresh_s=refresh_s
+        model,
+        preset,
+        alert_rate=alert_rate,
+        max_bytes=max_bytes,
+        refresh_s=refresh_s,
+        track=bounds if track else None,
     )
     service = Service(
         model_dir, live, api_key=api_key, max_body_bytes=max_body_bytes, watch=watch, device=device

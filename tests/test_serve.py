@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pandas as pd
 import pytest
 
 from fedanom.client.stream import EventStream, StreamError
 from fedanom.common.detector.detector import BehaviourDetector
+from fedanom.common.detector.live import TRACK_WARMUP, LiveSessions, LoadedDetector
 from fedanom.common.detector.scores import score_events
 from fedanom.common.ingest import ingest
 from fedanom.common.presets import resolve_preset
@@ -177,15 +179,27 @@ def test_every_route_but_health_wants_the_key(root: Path, keyed: str) -> None:
     assert httpx.get(f"{keyed}/healthz").status_code == 200
     with pytest.raises(StreamError, match="401"):
         EventStream(keyed, api_key="wrong").send([])
+
+
+@pytest.mark.parametrize(
+    ("options", "sentence"),
+    [
+        (["--host", "0.0.0.0"], "--host 0.0.0.0 is reachable from other machines: give an --api-key-file"),
+        (["--api-key-file", "absent.key"], "--api-key-file absent.key does not exist"),
+        (["--alert-rate-bounds", "0.01,0.02"], "--alert-rate-bounds bounds the tracked threshold: add"),
+        (["--track-alert-rate", "--alert-rate-bounds", "0.2,0.1"], "need 0 < FEWEST < MOST < 1"),
+    ],
+)
+def test_a_serve_mistake_is_one_sentence(root: Path, options: list[str], sentence: str) -> None:
     refused = subprocess.run(
-        [sys.executable, "-m", "fedanom", "serve", "-m", "detector", "-p", "taobao", "--host", "0.0.0.0"],
+        [sys.executable, "-m", "fedanom", "serve", "-m", "detector", "-p", "taobao", *options],
         cwd=root,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert "--host 0.0.0.0 is reachable from other machines: give an --api-key-file" in refused.stderr
+    assert sentence in refused.stderr
 
 
 def metric(url: str, name: str) -> float:
@@ -247,3 +261,21 @@ def test_open_sessions_past_the_memory_cap_are_evicted_least_recent_first(capped
     assert metric(capped, "fedanom_serve_evictions") > 0
     assert metric(capped, "fedanom_serve_open_session_bytes") <= 0.25 * 2**20
     assert 0 < metric(capped, "fedanom_serve_open_sessions") < 150
+
+
+def test_a_tracked_threshold_flags_the_alert_rate_of_recent_sessions_within_the_bounds(root: Path) -> None:
+    detector = BehaviourDetector.load(root / "detector")
+    live = LiveSessions(LoadedDetector(detector, "d"), resolve_preset("taobao"), track=(0.005, 0.04))
+    highest, lowest = detector.threshold(0.005), detector.threshold(0.04)
+    events = as_events(first_sessions(generate_shop(ShopConfig(n_events=6_000, n_users=600), seed=25)))
+    answers, _, _ = live.add(events)
+    assert live.threshold(live.model) == detector.threshold()  # nothing has ended yet: the calibrated one
+    for session_id in dict.fromkeys(a.session_id for _, a in answers):
+        live.end(session_id)
+    recent = np.array(live.model.recent)
+    assert len(recent) >= TRACK_WARMUP
+    tracked = live.threshold(live.model)
+    assert lowest <= tracked <= highest
+    assert tracked == np.clip(np.quantile(recent, 0.99), lowest, highest)
+    if lowest < tracked < highest:  # not held at a bound: the alert rate's share of recent sessions
+        assert (recent > tracked).mean() <= 0.01 + 1 / len(recent)

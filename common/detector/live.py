@@ -16,14 +16,20 @@ plus those of every event served so far, re-bucketed at most every `refresh_s` s
 
 Open sessions are bounded by memory: past the cap, the least recently active are dropped unscored,
 logged and counted. A session that sees no event for the inactivity gap ends on its own.
+
+The flag follows the detector's calibrated threshold. With `track` (two alert rates, the merchant's
+bounds) it follows the traffic instead: once `TRACK_WARMUP` sessions have ended on a detector, the
+threshold is the score that the alert rate's share of its last `TRACK_WINDOW` ended sessions passed,
+held between the calibrated thresholds of the two bounds, so a flood of bots cannot lift it out of
+reach and a quiet day cannot sink it into normal traffic.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +45,8 @@ from fedanom.common.sessions import sessionize
 from fedanom.common.tokens import ItemCounter, Popularity
 from fedanom.common.windows import Windows
 
+TRACK_WINDOW = 1_000  # ended sessions the tracked threshold looks back on
+TRACK_WARMUP = 200  # ended sessions before the tracked threshold leaves the calibrated one
 SESSION_OVERHEAD_BYTES = 2_048  # an open session's bookkeeping beyond its events, for the memory cap
 REQUEST = Path("request")  # what a bad event's sentence names instead of a file
 
@@ -54,6 +62,7 @@ class LoadedDetector:
     loaded_at: float = field(default_factory=time.time)
     popularity: Popularity | None = None  # the detector's counts plus the served traffic's
     refreshed_at: float = 0.0
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=TRACK_WINDOW))  # final scores
 
 
 @dataclass
@@ -102,8 +111,10 @@ class LiveSessions:
         alert_rate: float | None = None,
         max_bytes: int = 256 << 20,
         refresh_s: float = 60.0,
+        track: tuple[float, float] | None = None,
     ) -> None:
         self.model = model
+        self.track = track
         self.reader = EventReader(REQUEST, preset)
         self.alert_rate = alert_rate
         self.max_bytes = max_bytes
@@ -113,13 +124,23 @@ class LiveSessions:
         self.served = ItemCounter()
         self.held_bytes = 0
         self.evicted = 0
-        self.threshold(model)  # a bad alert rate fails at start, not on the first event
+        for rate in track or ():  # a bad alert rate or bound fails at start, not on the first event
+            model.detector.threshold(rate)
+        self.threshold(model)
 
     def threshold(self, model: LoadedDetector) -> float:
-        return model.detector.threshold(self.alert_rate)
+        """The threshold in force for sessions scored by `model`: calibrated, or tracked (see above)."""
+        detector = model.detector
+        calibrated = detector.threshold(self.alert_rate)
+        if self.track is None or len(model.recent) < TRACK_WARMUP:
+            return calibrated
+        fewest, most = self.track
+        rate = self.alert_rate if self.alert_rate is not None else detector.calibration.alert_rate  # type: ignore[union-attr]
+        tracked = float(np.quantile(np.fromiter(model.recent, float), 1.0 - rate))
+        return float(np.clip(tracked, detector.threshold(most), detector.threshold(fewest)))
 
     def add(
-        self, records: list[Mapping[str, Any]]
+        self, records: Sequence[object]
     ) -> tuple[list[tuple[int, Scored]], list[dict[str, Any]], list[tuple[int, Scored]]]:
         """Score each valid record against its session: (position, answer) per event, the rejected ones
         with position, field and reason, and (position, final) for each session an event ended (its
@@ -180,17 +201,17 @@ class LiveSessions:
         return self._score([(s, s.events, True) for s in closed])
 
     # ------------------------------------------------------------------------------------------ inside
-    def _validate(self, records: list[Mapping[str, Any]]) -> tuple[pa.Table, list[dict[str, Any]]]:
+    def _validate(self, records: Sequence[object]) -> tuple[pa.Table, list[dict[str, Any]]]:
         columns = self.reader.preset.source_columns()
         rejected: list[dict[str, Any]] = []
         plain: list[dict[str, str | None]] = []
         for i, record in enumerate(records):
             why = _not_an_event(record, columns)
-            if why:
-                rejected.append({"index": i, **why})
-                plain.append(dict.fromkeys(columns))  # kept in place so positions stay the request's
-            else:
+            if why is None and isinstance(record, Mapping):
                 plain.append({c: _text(record.get(c)) for c in columns})
+            else:
+                rejected.append({"index": i, **(why or {})})
+                plain.append(dict.fromkeys(columns))  # kept in place so positions stay the request's
         batch = pa.RecordBatch.from_pydict({c: pa.array([p[c] for p in plain], pa.string()) for c in columns})
         table, bad = self.reader.validate(batch, row0=1)  # rows count from 1, as an NDJSON body's lines
         early = {r["index"] for r in rejected}
@@ -271,6 +292,8 @@ class LiveSessions:
                 e = int(windows.offsets[last + 1] - 1)
                 words = [event_words(float(surprise.event[e]), windows, e)]
             score = float(scores[best])
+            if closed:
+                model.recent.append(score)
             answers.append(
                 Scored(session.key, score, score > threshold, model.digest, events.num_rows, words)
             )
