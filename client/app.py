@@ -31,6 +31,7 @@ from fedanom.client import worker
 from fedanom.client.merchant import Merchant, Resolver, kept_reply
 from fedanom.common.backbone import install_backbone
 from fedanom.common.errors import BudgetExhausted, FedanomError
+from fedanom.common.policy import PolicyRefused
 from fedanom.common.records import (
     BACKBONE_REFUSED,
     BUDGET_EXHAUSTED,
@@ -39,6 +40,7 @@ from fedanom.common.records import (
     HAS_BACKBONE,
     MERCHANT_FAILED,
     MERCHANT_SETUP,
+    POLICY_REFUSED,
     TRAIN_METRICS,
     number,
     text,
@@ -83,6 +85,8 @@ def train(msg: Message, context: Context, merchants: Resolver = Merchant.from_no
             update, values = worker.train(merchant, config, incoming, this_round)  # keeps the reply
         except BudgetExhausted as exc:
             return failed(msg, BUDGET_EXHAUSTED, exc)
+        except PolicyRefused as exc:
+            return failed(msg, POLICY_REFUSED, exc)
     return Message(RecordDict({"arrays": to_record(update), "metrics": MetricRecord(values)}), reply_to=msg)
 
 

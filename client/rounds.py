@@ -26,6 +26,7 @@ from fedanom.common.detector.scoring import DEFAULT_AGGREGATION
 from fedanom.common.detector.training import train_model
 from fedanom.common.errors import FedanomError
 from fedanom.common.labels import read_labels
+from fedanom.common.policy import PolicyRefused, PrivacyPolicy
 from fedanom.common.records import SCORE_HEAD, Metrics, flag, lora_settings, number
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.settings import ALERT_RATE, TrainSettings
@@ -50,6 +51,10 @@ def train_round(
 ) -> tuple[dict[str, np.ndarray], Metrics]:
     """The merchant's DP update of the global adapter and its training metrics; raises BudgetExhausted
     when its ledger cannot pay for the round."""
+    policy, dp = PrivacyPolicy.from_config(config), flag(config, "dp")
+    refusal = policy.refusal(dp=dp, epsilon_budget=merchant.epsilon, delta=None)
+    if refusal:  # before its data is read: a merchant that may not train spends nothing
+        raise PolicyRefused(refusal)
     train_windows, _, _ = merchant.windows()
     model = global_model(merchant, config, incoming)
     known = read_labels(merchant.labels, train_windows) if merchant.labels is not None else None
@@ -63,7 +68,7 @@ def train_round(
         learning_rate=number(config, "learning-rate"),
         max_grad_norm=number(config, "max-grad-norm"),
         seed=this_round if merchant.simulated else None,
-        dp=flag(config, "dp"),
+        dp=dp,
     )
     rounds_left = int(number(config, "num-server-rounds")) - this_round + 1
     ledger = None  # without DP (simulate's research comparison only) nothing is spent
@@ -71,6 +76,9 @@ def train_round(
         ledger = PrivacyLedger.open(
             merchant.state_dir, epsilon_budget=merchant.epsilon, delta=1.0 / train_windows.n_windows
         )
+        refusal = policy.refusal(dp=dp, epsilon_budget=merchant.epsilon, delta=ledger.delta)
+        if refusal:
+            raise PolicyRefused(refusal)
     report = train_model(
         model,
         train_windows,
@@ -84,6 +92,11 @@ def train_round(
         "train-loss": report.mean_loss,
         "epsilon": report.epsilon_spent or 0.0,
         "train-seconds": report.seconds,
+        "epsilon-budget": merchant.epsilon if ledger is not None else 0.0,
+        "delta": ledger.delta if ledger is not None else 0.0,
+        "noise-multiplier": report.noise_multiplier or 0.0,
+        "sample-rate": report.sample_rate or 0.0,
+        "steps": float(report.steps),
     }
     update = {name: p.detach().cpu().numpy() for name, p in model.named_parameters() if name in sent}
     # kept before it is sent, wherever this runs: a round asked again gets it back without new spending

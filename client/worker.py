@@ -43,11 +43,12 @@ from fedanom.client.merchant import Merchant
 from fedanom.client.supernode import WORKER_KEY as KEY
 from fedanom.client.supernode import WORKER_SOCKET as SOCKET
 from fedanom.common.errors import BudgetExhausted, FedanomError
+from fedanom.common.policy import PolicyRefused
 from fedanom.common.records import Metrics, to_numpy, to_record
 
 MAX_REQUEST_BYTES = 1 << 30  # an adapter is kilobytes; a bound keeps a bad sender from exhausting memory
 # what the worker answers instead of a result, and the exception the ClientApp raises for it
-FAILED_AS = {"budget": BudgetExhausted, "setup": FedanomError}
+FAILED_AS = {"budget": BudgetExhausted, "policy": PolicyRefused, "setup": FedanomError}
 
 log = logging.getLogger(__name__)
 Result = tuple[dict[str, np.ndarray], Metrics]
@@ -144,6 +145,8 @@ def _answer(connection: Connection) -> None:
         header: dict[str, Any] = {"metrics": dict(metrics)}
     except BudgetExhausted as exc:
         header, update = {"failed": "budget", "reason": str(exc)}, {}
+    except PolicyRefused as exc:
+        header, update = {"failed": "policy", "reason": str(exc)}, {}
     except FedanomError as exc:
         header, update = {"failed": "setup", "reason": str(exc)}, {}
     except Exception as exc:  # its traceback goes to this merchant's log only

@@ -18,7 +18,11 @@ from fedanom.common.settings import RUN_DEFAULTS, LoraSettings
 # What a merchant reports: the whole list. After training a round, all of TRAIN_METRICS; after evaluating
 # the global adapter, "num-examples" and "val-surprise", plus "val-auroc" / "val-auprc" when it holds labels,
 # and with an anomaly head the AUPRC of its unsupervised kinds of evidence summed with and without the head.
-TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "train-seconds")
+# A merchant's accountant, after the round: its whole budget, what it has spent so far ("epsilon"), its δ,
+# and this round's noise multiplier, Poisson sampling rate and steps (0 noise: trained without DP); the
+# server checks them against the federation's privacy policy (`common.policy`).
+ACCOUNTANT_METRICS = ("epsilon-budget", "delta", "noise-multiplier", "sample-rate", "steps")
+TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "train-seconds", *ACCOUNTANT_METRICS)
 EVALUATE_METRICS = (
     "num-examples",
     "val-surprise",
@@ -63,11 +67,13 @@ BUDGET_EXHAUSTED = 4001
 BACKBONE_REFUSED = 4002
 MERCHANT_SETUP = 4003
 MERCHANT_FAILED = 4004
+POLICY_REFUSED = 4005
 FAILURES = {
     BUDGET_EXHAUSTED: "privacy budget exhausted",
     BACKBONE_REFUSED: "the shipped backbone did not match its announced hash",
     MERCHANT_SETUP: "the merchant's data or settings are unusable (details in its own log)",
     MERCHANT_FAILED: "the merchant failed (details in its own log)",
+    POLICY_REFUSED: "the merchant's privacy terms do not meet the federation's policy",
 }
 
 

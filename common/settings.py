@@ -87,4 +87,7 @@ RUN_DEFAULTS: dict[str, bool | float | int | str] = {
     "lora-targets": "",
     "supervised-head": LoraSettings.supervised_head,
     "dp": TrainSettings.dp,
+    "require-dp": False,  # the operator's privacy policy (`common.policy`): merchants must train with DP,
+    "max-epsilon": 0.0,  # within this total budget (0: any),
+    "max-delta": 0.0,  # and this δ (0: any)
 }

@@ -38,6 +38,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Inspect a merchant's event export.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+privacy_app = typer.Typer(help="What a federation spent of its merchants' privacy.", no_args_is_help=True)
+app.add_typer(privacy_app, name="privacy")
 app.command("pretrain")(pretrain)
 app.command("train")(train)
 app.command("score")(score)
@@ -85,6 +87,34 @@ def data_presets() -> None:
         table.add_row(name, preset.description)
     table.add_row("(none)", "generic: columns named after the fields, or --map FIELD=COLUMN,...")
     Console().print(table)
+
+
+@privacy_app.command("report")
+def privacy_report(
+    run_dir: Annotated[
+        Path, typer.Argument(help="The federation's run directory (fedanom server --run-dir).")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="The chart, a PNG (default: RUN_DIR/privacy.png).")
+    ] = None,
+) -> None:
+    """Each merchant's ε spent, round by round, as the server logged its accountant: a table and a chart."""
+    from fedanom.server.privacy_report import chart, epsilon_by_round
+
+    rounds, spent, policy = epsilon_by_round(run_dir)
+    terms = ["DP required"] if policy else ["no privacy policy"]
+    terms += [f"{k.replace('_', ' ')} {v:g}" for k, v in policy.items() if v and k != "require_dp"]
+    table = Table(title=f"ε spent per merchant ({', '.join(terms)})")
+    table.add_column("merchant")
+    for r in rounds:
+        table.add_column(f"round {r}", justify="right")
+    for node, by_round in sorted(spent.items()):
+        cells = [by_round.get(r, "") for r in rounds]
+        table.add_row(node, *(f"{c:.3f}" if isinstance(c, float) else c for c in cells))
+    Console(soft_wrap=True).print(table)
+    target = out or run_dir / "privacy.png"
+    chart(rounds, spent, policy, target)
+    typer.echo(f"chart: {target}")
 
 
 def _print_summary(s: DataSummary) -> None:

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedanom.common.detector.artifact import load_backbone
 from fedanom.common.detector.model import attach_lora, trainable_state
 from fedanom.common.errors import FedanomError
+from fedanom.common.policy import PrivacyPolicy
 from fedanom.common.records import RUN_DEFAULTS, flag, lora_settings, number, text, to_numpy, to_record
 from fedanom.server.aggregation import default_norm_bound
 from fedanom.server.checkpoints import last_checkpoint, rewrite_round_log, write_round
@@ -41,6 +42,9 @@ FORWARDED = (
     "supervised-head",
     "dp",
     "base",
+    "require-dp",
+    "max-epsilon",
+    "max-delta",
 )
 
 
@@ -79,6 +83,7 @@ def run_federation(grid: Grid, cfg: Mapping[str, object]) -> None:
     norm_bound = number(cfg, "norm-bound") or default_norm_bound(arrays, number(cfg, "learning-rate"))
     if not 0 < norm_bound < math.inf:
         raise FedanomError(f"the update norm bound must be a positive number, not {norm_bound:g}")
+    policy = PrivacyPolicy.from_config(cfg)  # a policy that is not one stops the run before round 1
     min_nodes = int(number(cfg, "min-nodes"))
     config = ConfigRecord({key: cfg[key] for key in FORWARDED})  # type: ignore[misc]  # numbers and text
     config["num-server-rounds"] = total_rounds
@@ -89,6 +94,7 @@ def run_federation(grid: Grid, cfg: Mapping[str, object]) -> None:
         method=text(cfg, "aggregation"),
         norm_bound=norm_bound,
         shipper=shipper,
+        policy=policy,
         round_offset=done,
         fraction_train=number(cfg, "fraction-train"),
         fraction_evaluate=number(cfg, "fraction-train"),

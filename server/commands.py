@@ -100,9 +100,22 @@ def server(
             "--node-key", help="A merchant's SuperNode public key (repeat); only these nodes may join (TLS)."
         ),
     ] = None,
+    require_dp: Annotated[
+        bool, typer.Option("--require-dp", help="Merchants must train with DP: others are refused.")
+    ] = False,
+    max_epsilon: Annotated[
+        float, typer.Option("--max-epsilon", help="Largest total ε a merchant may join with (0: any).")
+    ] = 0.0,
+    max_delta: Annotated[
+        float, typer.Option("--max-delta", help="Largest δ a merchant may use (0: any).")
+    ] = 0.0,
 ) -> None:
     """Run a federation: a Flower SuperLink, rounds of merchants' DP adapters, a global detector."""
     backbone_hash(base)  # a clear error now rather than in every merchant later
+    if (max_epsilon or max_delta) and not require_dp:
+        raise FedanomError("--max-epsilon and --max-delta bound a policy that requires DP: add --require-dp")
+    if max_epsilon < 0 or not 0 <= max_delta < 1:
+        raise FedanomError("--max-epsilon must be ≥ 0 and --max-delta in [0, 1)")
     if aggregation not in AGGREGATORS:
         raise FedanomError(f"--aggregation must be one of {', '.join(AGGREGATORS)}")
     if not 0 <= norm_bound < math.inf:
@@ -137,6 +150,9 @@ def server(
         "lora-alpha": alpha,
         "lora-targets": lora_targets,
         "supervised-head": supervised_head,
+        "require-dp": require_dp,
+        "max-epsilon": max_epsilon,
+        "max-delta": max_delta,
     }
     listener = Listener(host, port, None if plain else (certificates or Path()).resolve())
     progress = RoundProgress(run_dir, rounds, typer.echo, resumed=resume)

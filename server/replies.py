@@ -15,6 +15,7 @@ import math
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
 
+from fedanom.common.policy import PrivacyPolicy
 from fedanom.common.records import EVALUATE_METRICS, FAILURES, HAS_BACKBONE, TRAIN_METRICS, to_numpy
 from fedanom.server.aggregation import Update
 
@@ -26,6 +27,11 @@ RANGES = {
     "train-loss": (0.0, math.inf),
     "epsilon": (0.0, math.inf),
     "train-seconds": (0.0, math.inf),
+    "epsilon-budget": (0.0, math.inf),
+    "delta": (0.0, 1.0),
+    "noise-multiplier": (0.0, math.inf),
+    "sample-rate": (0.0, 1.0),
+    "steps": (0.0, math.inf),
     "val-surprise": (0.0, math.inf),
     "val-auroc": (0.0, 1.0),
     "val-auprc": (0.0, 1.0),
@@ -73,9 +79,13 @@ def metrics_of(msg: Message, required: tuple[str, ...], allowed: tuple[str, ...]
     return values
 
 
-def train_reply(msg: Message) -> tuple[Update, dict[str, float]]:
-    """The merchant's update and its training metrics, or BadReply."""
+def train_reply(msg: Message, policy: PrivacyPolicy) -> tuple[Update, dict[str, float]]:
+    """The merchant's update and its training metrics, or BadReply (also for an accountant summary
+    that breaks the federation's privacy policy)."""
     metrics = metrics_of(msg, TRAIN_METRICS, TRAIN_METRICS)
+    violation = policy.violation(metrics)
+    if violation:
+        raise BadReply(violation)
     if "arrays" not in msg.content.array_records:
         raise BadReply("the reply carries no arrays record")
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict
 from typing import Any, TypeVar
 
 import numpy as np
@@ -20,6 +21,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedanom.common.policy import PrivacyPolicy
 from fedanom.common.records import EVALUATE_METRICS, SCORE_HEAD, to_numpy, to_record
 from fedanom.server.aggregation import Arrays, aggregate, capped_weights
 from fedanom.server.replies import BadReply, evaluate_reply, failure, train_reply
@@ -37,6 +39,7 @@ class CheckedFedAvg(FedAvg):
         method: str,
         norm_bound: float,
         shipper: BackboneShipper,
+        policy: PrivacyPolicy,
         round_offset: int = 0,
         **kwargs: Any,
     ) -> None:
@@ -45,6 +48,7 @@ class CheckedFedAvg(FedAvg):
         self.method = method
         self.norm_bound = norm_bound
         self.shipper = shipper
+        self.policy = policy
         self.current: Arrays = {}
         self.record: dict[str, Any] = {}  # the round in progress, logged once it is complete
         self.clock: dict[str, float] = {}  # when this round's messages went out (time.monotonic)
@@ -88,6 +92,8 @@ class CheckedFedAvg(FedAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         unshipped = self.shipper.ensure(grid, [m.metadata.dst_node_id for m in messages])
         self.record = {"round": self.round_offset + server_round, "backbone_failed": _reasons(unshipped)}
+        if self.policy.require_dp:
+            self.record["policy"] = asdict(self.policy)
         self.clock = {"backbone_check": time.monotonic() - started, "train_sent": time.monotonic()}
         self.sent = [m for m in messages if m.metadata.dst_node_id not in unshipped]
         return self.sent
@@ -107,7 +113,7 @@ class CheckedFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrived = time.monotonic()
-        read, failed, unreadable = self.read_replies(replies, train_reply)
+        read, failed, unreadable = self.read_replies(replies, lambda msg: train_reply(msg, self.policy))
         updates = [update for _, (update, _) in read]
         per_client = {str(node): metrics for node, (_, metrics) in read}
         outcome = aggregate(updates, self.current, method=self.method, norm_bound=self.norm_bound)

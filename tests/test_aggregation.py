@@ -14,6 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata,
 from flwr.common import MessageType
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
+from fedanom.common.policy import PrivacyPolicy
 from fedanom.common.records import FAILURES, MERCHANT_SETUP
 from fedanom.server.aggregation import AGGREGATORS, IMPLAUSIBLE, WEIGHT_CAP, Update, aggregate
 from fedanom.server.checkpoints import RoundProgress, rewrite_round_log, write_round
@@ -121,7 +122,18 @@ def reply(content: RecordDict | Error, node: int = 7) -> Message:
     return Message(metadata=metadata, content=content)  # type: ignore[call-overload]
 
 
-GOOD_METRICS = {"num-examples": 120.0, "train-loss": 2.5, "epsilon": 1.2, "train-seconds": 3.0}
+GOOD_METRICS = {
+    "num-examples": 120.0,
+    "train-loss": 2.5,
+    "epsilon": 1.2,
+    "train-seconds": 3.0,
+    "epsilon-budget": 4.0,
+    "delta": 1 / 120,
+    "noise-multiplier": 1.1,
+    "sample-rate": 0.5,
+    "steps": 2.0,
+}
+ANY = PrivacyPolicy()
 
 
 def train_content(metrics: Mapping[str, object] | None, arrays: ArrayRecord | None) -> RecordDict:
@@ -137,7 +149,7 @@ GOOD_ARRAYS = ArrayRecord({name: Array(value) for name, value in REFERENCE.items
 
 
 def test_a_well_formed_train_reply_reads_whole() -> None:
-    update, metrics = train_reply(reply(train_content(GOOD_METRICS, GOOD_ARRAYS)))
+    update, metrics = train_reply(reply(train_content(GOOD_METRICS, GOOD_ARRAYS)), ANY)
     assert update.node == 7 and update.examples == 120 and metrics == GOOD_METRICS
     assert {k: v.shape for k, v in update.arrays.items()} == {k: v.shape for k, v in REFERENCE.items()}
 
@@ -166,7 +178,25 @@ def test_an_implausible_train_reply_is_refused_with_its_reason(
     metrics: Mapping[str, object] | None, arrays: ArrayRecord | None, reason: str
 ) -> None:
     with pytest.raises(BadReply, match=re.escape(reason)):
-        train_reply(reply(train_content(metrics, arrays)))
+        train_reply(reply(train_content(metrics, arrays)), ANY)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"epsilon-budget": 8.0}, "its accountant reports ε=8, above the federation's maximum ε=4"),
+        ({"epsilon": 4.5}, "its accountant reports ε=4.5, above the federation's maximum ε=4"),
+        ({"noise-multiplier": 0.0}, "reports no DP noise, and the federation requires DP"),
+        ({"delta": 0.02}, "δ=0.02 is above the federation's maximum δ=0.01"),
+    ],
+)
+def test_a_train_reply_that_breaks_the_privacy_policy_is_refused(
+    change: dict[str, float], reason: str
+) -> None:
+    policy = PrivacyPolicy(require_dp=True, max_epsilon=4.0, max_delta=0.01)
+    assert train_reply(reply(train_content(GOOD_METRICS, GOOD_ARRAYS)), policy)[1] == GOOD_METRICS
+    with pytest.raises(BadReply, match=re.escape(reason)):
+        train_reply(reply(train_content({**GOOD_METRICS, **change}, GOOD_ARRAYS)), policy)
 
 
 def test_an_evaluate_reply_needs_counted_sessions_and_rates_in_range() -> None:
@@ -186,7 +216,7 @@ WITH, WITHOUT = "val-auprc-with-head", "val-auprc-without-head"
 def test_the_labelled_merchants_validation_decides_the_head_for_the_others(tiny_backbone: Path) -> None:
     """Example-weighted: the large merchant's head costs more AUPRC than the small one's gains."""
     shipper = BackboneShipper(tiny_backbone, 1.0)
-    strategy = CheckedFedAvg(method="fedavg", norm_bound=BOUND, shipper=shipper)
+    strategy = CheckedFedAvg(method="fedavg", norm_bound=BOUND, shipper=shipper, policy=ANY)
     assert strategy.score_head  # until labelled merchants have measured it
     for large, small, decided in (((0.6, 0.8), (0.9, 0.7), False), ((0.8, 0.8), (0.9, 0.7), True)):
         strategy.record, strategy.clock = {"seconds": {}}, {"evaluate_sent": 0.0}
@@ -214,7 +244,7 @@ def test_a_merchant_that_went_away_is_logged_by_its_own_node_id(tiny_backbone: P
     """The SuperLink answers for a dead merchant from its own node id (1); the round's log names the
     merchant the instruction went to."""
     shipper = BackboneShipper(tiny_backbone, 1.0)
-    strategy = CheckedFedAvg(method="fedavg", norm_bound=BOUND, shipper=shipper)
+    strategy = CheckedFedAvg(method="fedavg", norm_bound=BOUND, shipper=shipper, policy=ANY)
     strategy.current = REFERENCE
     strategy.record, strategy.clock = {"seconds": {}}, {"train_sent": 0.0, "backbone_check": 0.0}
     metadata = Metadata(1, "instruction-to-4242", 1, 4242, "", "", time.time(), 60.0, MessageType.TRAIN)

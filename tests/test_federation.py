@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,16 +30,19 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from fedanom.client import app as merchant_app
-from fedanom.client.merchant import VirtualMerchants
+from fedanom.client.merchant import Merchant, VirtualMerchants
+from fedanom.client.rounds import train_round
 from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.model import HEAD
 from fedanom.common.errors import FedanomError
 from fedanom.common.ingest import ingest
+from fedanom.common.policy import PolicyRefused
 from fedanom.common.presets import resolve_preset
 from fedanom.common.records import (
     FAILURES,
     HAS_BACKBONE,
     MERCHANT_SETUP,
+    POLICY_REFUSED,
     flag,
     lora_settings,
     to_numpy,
@@ -301,8 +307,28 @@ def test_a_hostile_merchant_is_rejected_with_its_reason_and_the_round_goes_on(fe
 
 def test_a_spent_budget_is_answered_not_overdrawn(federation: Path) -> None:
     merchants = [federation / f"merchant-{i}.csv" for i in range(3)]
-    first = simulate(federation, "budget-1", merchants, "budget", epsilon=1.0)
+    policy: dict[str, bool | float] = {"require-dp": True, "max-epsilon": 4.0}  # theirs, 1.0, conforms
+    first = simulate(federation, "budget-1", merchants, "budget", epsilon=1.0, **policy)
     assert all(len(r["accepted"]) == 3 for r in first)
+    (logged,) = first
+    assert logged["policy"] == {"require_dp": True, "max_epsilon": 4.0, "max_delta": 0.0}
+    for summary in logged["clients"].values():  # each merchant's accountant, as the server checked it
+        assert 0 < summary["epsilon"] <= summary["epsilon-budget"] == 1.0
+        assert summary["noise-multiplier"] > 0 and 0 < summary["sample-rate"] <= 1 and summary["steps"] >= 1
+        assert summary["delta"] == pytest.approx(1 / summary["num-examples"])
+    report = subprocess.run(
+        [sys.executable, "-m", "fedanom", "privacy", "report", str(federation / "budget-1")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr
+    assert (
+        "DP required, max epsilon 4" in report.stdout
+        and (federation / "budget-1" / "privacy.png").stat().st_size
+    )
+    for node, summary in logged["clients"].items():
+        assert re.search(rf"{node}\s+│\s+{summary['epsilon']:.3f}", report.stdout), report.stdout
     resent, refused = simulate(federation, "budget-2", merchants, "budget", 1.0, **{"num-server-rounds": 2})
     # round 1 on the same initial adapter: each merchant re-sends the update it already released (free)
     assert len(resent["accepted"]) == 3
@@ -312,6 +338,28 @@ def test_a_spent_budget_is_answered_not_overdrawn(federation: Path) -> None:
     for i in range(3):
         ledger = json.loads((federation / "budget" / f"merchant-{i}" / "privacy.json").read_text())
         assert len(ledger["history"]) == 1  # nothing was spent by the second run
+
+
+def test_a_merchant_over_the_policys_budget_refuses_to_train_and_says_why(tmp_path: Path) -> None:
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"data": str(tmp_path / "never-read.csv"), "state-dir": str(tmp_path), "epsilon": 8.0},
+        state=RecordDict(),
+        run_config={},
+    )
+    policy = {"require-dp": True, "max-epsilon": 4.0, "max-delta": 0.0, "dp": True}
+    config = ConfigRecord({"server-round": 1, "round-offset": 0, "backbone-hash": "0" * 64, **policy})
+    instruction = Metadata(1, "m", 0, 7, "", "", 0.0, 60.0, MessageType.TRAIN)
+    msg = Message(metadata=instruction, content=RecordDict({"config": config, "arrays": ArrayRecord()}))  # type: ignore[call-overload]
+    reply = merchant_app.answering(merchant_app.train)(msg, context)
+    assert reply.has_error() and reply.error.code == POLICY_REFUSED
+    assert reply.error.reason == FAILURES[POLICY_REFUSED]  # the fixed words, all that leaves the merchant
+    with pytest.raises(
+        PolicyRefused, match="ε=8 is above the federation's maximum ε=4: join with --epsilon 4"
+    ):
+        train_round(Merchant.from_node(context), config, ArrayRecord(), 1)
+    assert not (tmp_path / "privacy.json").exists()  # refused before anything was spent or read
 
 
 @pytest.mark.parametrize("handler", [merchant_app.train, merchant_app.evaluate])

@@ -36,6 +36,7 @@ class TrainReport:
     mean_loss: float
     seconds: float
     noise_multiplier: float | None = None
+    sample_rate: float | None = None  # Poisson sampling rate of a DP run, as its accountant counts it
     epsilon_spent: float | None = None  # total for this merchant after the run
     delta: float | None = None
     noise: str = "seeded"  # "seeded" (reproducible research run) or "os-entropy" (unpredictable)
@@ -141,12 +142,12 @@ def train_model(
     engine = None
     noise = None
     run = ""
+    rate = 1.0 / len(loader)  # Opacus's Poisson loader samples at 1 / len(loader), not batch_size / n
     train_model: torch.nn.Module = model
     if settings.dp:
         assert ledger is not None
         # a federation plans for every round still to come, so one round cannot spend the whole budget
-        # Opacus's Poisson loader samples at 1 / len(loader), not batch_size / n: plan with what it accounts
-        noise, run = ledger.reserve(1.0 / len(loader), steps, planned_steps or 0)
+        noise, run = ledger.reserve(rate, steps, planned_steps or 0)  # planned with what Opacus accounts
         train_model, optimizer, loader, engine = make_private(
             model, optimizer, loader, settings=settings, ledger=ledger, noise_multiplier=noise
         )
@@ -177,6 +178,7 @@ def train_model(
     )
     if engine is not None and ledger is not None:
         report.noise_multiplier, report.epsilon_spent, report.delta = noise, ledger.spent(), ledger.delta
+        report.sample_rate = rate
         train_model._close()  # type: ignore[operator]  # removes Opacus's hooks from the model
     model.eval()
     return report

@@ -1,0 +1,71 @@
+"""The operator's privacy policy for a federation, and the accountant summary a merchant answers it with.
+
+The operator states the terms once (`fedanom server --require-dp --max-epsilon E [--max-delta D]`); they
+travel in every round's config. A merchant checks them before it trains: one whose budget or δ does not
+conform refuses the round with a fixed code (POLICY_REFUSED), and says why in one sentence in its own
+log. Every train reply carries the merchant's accountant summary (`records.ACCOUNTANT_METRICS`); the
+server checks it against the same terms before averaging (`server.replies`) and logs it per merchant per
+round in `rounds.jsonl`, so a merchant that claims to conform and does not is left out, with its reason.
+
+Torch-free: the server, the ClientApp and the command line read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+from fedanom.common.errors import FedanomError
+from fedanom.common.records import flag, number
+
+
+class PolicyRefused(FedanomError):
+    """A merchant's privacy terms do not meet the federation's policy: it does not train."""
+
+
+@dataclass(frozen=True)
+class PrivacyPolicy:
+    require_dp: bool = False
+    max_epsilon: float = 0.0  # 0: no bound beyond DP itself
+    max_delta: float = 0.0  # 0: no bound
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> PrivacyPolicy:
+        policy = cls(
+            require_dp=flag(config, "require-dp"),
+            max_epsilon=number(config, "max-epsilon"),
+            max_delta=number(config, "max-delta"),
+        )
+        if policy.max_epsilon < 0 or not 0 <= policy.max_delta < 1:
+            raise FedanomError(f"the privacy policy {asdict(policy)} is not one: bounds must be ≥ 0, δ < 1")
+        if (policy.max_epsilon or policy.max_delta) and not policy.require_dp:
+            raise FedanomError("a bound on ε or δ needs the policy to require DP (--require-dp)")
+        return policy
+
+    def refusal(self, *, dp: bool, epsilon_budget: float, delta: float | None) -> str | None:
+        """Why a merchant with these terms may not train under this policy (None: it may)."""
+        if not self.require_dp:
+            return None
+        if not dp:
+            return "the federation requires DP and this run trains without it"
+        if self.max_epsilon and epsilon_budget > self.max_epsilon:
+            return (
+                f"this merchant's privacy budget ε={epsilon_budget:g} is above the federation's maximum "
+                f"ε={self.max_epsilon:g}: join with --epsilon {self.max_epsilon:g} or less"
+            )
+        if self.max_delta and delta is not None and delta > self.max_delta:
+            return f"this merchant's δ={delta:.3g} is above the federation's maximum δ={self.max_delta:.3g}"
+        return None
+
+    def violation(self, metrics: Mapping[str, float]) -> str | None:
+        """Why a train reply's accountant summary breaks this policy (None: it conforms)."""
+        if not self.require_dp:
+            return None
+        if metrics["noise-multiplier"] <= 0:
+            return "its accountant reports no DP noise, and the federation requires DP"
+        spent = max(metrics["epsilon"], metrics["epsilon-budget"])
+        if self.max_epsilon and spent > self.max_epsilon:
+            return (
+                f"its accountant reports ε={spent:.4g}, above the federation's maximum ε={self.max_epsilon:g}"
+            )
+        return self.refusal(dp=True, epsilon_budget=0.0, delta=metrics["delta"])
