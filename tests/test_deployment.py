@@ -37,6 +37,7 @@ from fedanom.common.flower import flower_environment, free_port
 from fedanom.common.ingest import ingest
 from fedanom.common.labels import read_labels
 from fedanom.common.presets import resolve_preset
+from fedanom.common.records import FAILURES, POLICY_REFUSED
 from fedanom.common.settings import BackboneConfig
 from fedanom.common.windows import Windows
 from fedanom.simulations.attacks import inject
@@ -80,6 +81,7 @@ REAL_MERCHANTS = [
 BOTS = {"scraping-crude": 12, "click-fraud-crude": 12}
 AUROC_FLOOR = 0.85  # every merchant's final global detector, on its own sessions with their injected bots
 VICTIM = 3
+OVER_BUDGET = 4  # joins with ε=9 a federation whose policy allows at most ε=8
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +110,17 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, tiny
         address,
         "--round-timeout",
         "240",
+        *["--require-dp", "--max-epsilon", "8"],
     ]
-    server = start(*server_args, "--expect-clients", "4", cwd=root, log=root / "server.log")
+    server = start(*server_args, "--expect-clients", "5", cwd=root, log=root / "server.log")
     clients = []
-    for i in range(4):
+    for i in range(5):
         own = ["--base", "base"] if i > 0 else []  # merchant 0 has no backbone: the server ships it
         labelled = ["--labels", f"labels-{i}.csv"] if i < len(REAL_MERCHANTS) else []
-        command = ["client", "--server", address, "--data", f"m{i}.csv", "-p", "taobao", *own, *labelled]
+        data = f"m{i if i != OVER_BUDGET else 1}.csv"
+        command = ["client", "--server", address, "--data", data, "-p", "taobao", *own, *labelled]
         command += ["--state-dir", f"state-{i}", "--port", str(free_port()), "--threads", "1"]
+        command += ["--epsilon", "9"] if i == OVER_BUDGET else []
         clients.append(start(*command, cwd=root, log=root / f"client-{i}.log"))
     try:
         # killed as soon as it has taken round 1's training message: the SuperLink notices the silence
@@ -161,8 +166,22 @@ def test_the_resumed_run_finishes_without_losing_a_round(deployment: Path) -> No
     # each run's console names the rounds it completed: round 1 with the victim's failure, then the
     # resumed run's round 2 (the first run's round-2 work, cut short by the kill, is not reported)
     progress = [line for line in console.splitlines() if line.startswith("round ")]
-    assert progress[0].startswith("round 1 of 2: 3 updates accepted, 0 rejected, 1 merchant failed (")
+    assert progress[0].startswith("round 1 of 2: 3 updates accepted, 0 rejected, 2 merchants failed (")
     assert progress[1:] == [progress[-1]] and progress[-1].startswith("round 2 of 2: 3 updates accepted")
+
+
+def test_a_merchant_over_the_operators_privacy_terms_refuses_and_the_others_train(deployment: Path) -> None:
+    log = [json.loads(line) for line in (deployment / "run" / "rounds.jsonl").read_text().splitlines()]
+    for r in log:
+        assert r["policy"] == {"require_dp": True, "max_epsilon": 8.0, "max_delta": 0.0}
+        assert all(0 < c["epsilon"] <= c["epsilon-budget"] == 8.0 for c in r["clients"].values())
+    # round 1 waited for all five merchants (the resumed round 2 starts with the first three back)
+    assert (
+        FAILURES[POLICY_REFUSED] in [f["reason"] for f in log[0]["failed"]] and len(log[0]["accepted"]) == 3
+    )
+    own_log = (deployment / f"state-{OVER_BUDGET}" / "supernode.log").read_text()
+    assert "ε=9 is above the federation's maximum ε=8: join with --epsilon 8 or less" in own_log
+    assert not (deployment / f"state-{OVER_BUDGET}" / "privacy.json").exists()  # nothing spent
 
 
 def test_a_merchants_console_keeps_fedanoms_lines_and_flowers_go_to_its_log(deployment: Path) -> None:
@@ -187,7 +206,7 @@ def test_each_merchants_rounds_ran_in_its_warm_worker_on_data_prepared_once(depl
 
 def test_a_merchant_killed_mid_round_leaves_the_round_to_the_others(deployment: Path) -> None:
     first = json.loads((deployment / "run" / "round-1" / "metrics.json").read_text())
-    (failed,) = first["failed"]
+    (failed,) = [f for f in first["failed"] if f["reason"] != FAILURES[POLICY_REFUSED]]
     assert str(failed["node"]) not in first["clients"] and len(first["clients"]) == 3
     assert failed["node"] != SUPERLINK_NODE_ID  # the merchant's own id, not the SuperLink's that answered
     assert failed["reason"]
@@ -220,8 +239,11 @@ def test_every_merchant_ranks_its_injected_bots_above_its_normal_sessions(deploy
 def test_rounds_log_federated_evaluation_with_labelled_merchants_auroc(deployment: Path) -> None:
     last = json.loads((deployment / "run" / "round-2" / "metrics.json").read_text())
     clients = last["evaluate"]["clients"]
-    assert len(clients) == 3 and all(c["num-examples"] > 0 for c in clients.values())
-    aurocs = [c["val-auroc"] for c in clients.values()]
+    # the labelled three, and the merchant the privacy policy refused training if it was back in time
+    # (evaluating spends no privacy: it still gets the global detector)
+    assert len(clients) in (3, 4) and all(c["num-examples"] > 0 for c in clients.values())
+    aurocs = [c["val-auroc"] for c in clients.values() if "val-auroc" in c]
+    assert len(aurocs) == len(REAL_MERCHANTS)
     assert min(aurocs) <= last["evaluate"]["combined"]["val-auroc"] <= max(aurocs)  # a weighted mean
 
 
