@@ -28,6 +28,7 @@ from fedanom.options import (
     EventTypeOption,
     MapOption,
     PresetOption,
+    ScoringAlertRateOption,
     SessionGapOption,
     StateDirOption,
     TimestampFormatOption,
@@ -140,10 +141,7 @@ def score(
             "--explain", help="Add the most surprising events and features of each session, in words."
         ),
     ] = False,
-    alert_rate: Annotated[
-        float | None,
-        typer.Option("--alert-rate", help="Share of normal sessions to flag (default: the detector's)."),
-    ] = None,
+    alert_rate: ScoringAlertRateOption = None,
     device: DeviceOption = None,
 ) -> None:
     """Score every session of a file: id, user, score, rank, flag (and why, with --explain)."""
@@ -273,10 +271,7 @@ def serve(
             "--state-dir", help="A merchant's state directory: serve each new global detector it gets."
         ),
     ] = None,
-    alert_rate: Annotated[
-        float | None,
-        typer.Option("--alert-rate", help="Share of normal sessions to flag (default: the detector's)."),
-    ] = None,
+    alert_rate: ScoringAlertRateOption = None,
     max_memory_mb: Annotated[
         float, typer.Option("--max-memory-mb", help="Memory for open sessions; the least active go first.")
     ] = 256.0,

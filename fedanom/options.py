@@ -136,6 +136,10 @@ SessionGapOption = Annotated[
     float, typer.Option("--session-gap", help="Minutes of inactivity ending a session.")
 ]
 WindowOption = Annotated[int, typer.Option("--window", help="Most events in one scored window.")]
+ScoringAlertRateOption = Annotated[
+    float | None,
+    typer.Option("--alert-rate", help="Share of normal sessions to flag (default: the detector's)."),
+]
 StateDirOption = Annotated[
     Path,
     typer.Option(

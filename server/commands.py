@@ -23,6 +23,7 @@ from fedanom.common.flower import (
     split_address,
 )
 from fedanom.common.ingest import ingest
+from fedanom.common.policy import PrivacyPolicy
 from fedanom.common.presets import resolve_preset
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.settings import (
@@ -112,10 +113,6 @@ def server(
 ) -> None:
     """Run a federation: a Flower SuperLink, rounds of merchants' DP adapters, a global detector."""
     backbone_hash(base)  # a clear error now rather than in every merchant later
-    if (max_epsilon or max_delta) and not require_dp:
-        raise FedanomError("--max-epsilon and --max-delta bound a policy that requires DP: add --require-dp")
-    if max_epsilon < 0 or not 0 <= max_delta < 1:
-        raise FedanomError("--max-epsilon must be ≥ 0 and --max-delta in [0, 1)")
     if aggregation not in AGGREGATORS:
         raise FedanomError(f"--aggregation must be one of {', '.join(AGGREGATORS)}")
     if not 0 <= norm_bound < math.inf:
@@ -154,6 +151,7 @@ def server(
         "max-epsilon": max_epsilon,
         "max-delta": max_delta,
     }
+    PrivacyPolicy.from_config(values)  # a policy that is not one, said now rather than in round 1
     listener = Listener(host, port, None if plain else (certificates or Path()).resolve())
     progress = RoundProgress(run_dir, rounds, typer.echo, resumed=resume)
     finished = run_on_superlink(listener, run_dir, values, node_keys or [], progress)
