@@ -7,7 +7,7 @@ log. Every train reply carries the merchant's accountant summary (`records.ACCOU
 server checks it against the same terms before averaging (`server.replies`) and logs it per merchant per
 round in `rounds.jsonl`, so a merchant that claims to conform and does not is left out, with its reason.
 
-Torch-free: the server, the ClientApp and the command line read it.
+Torch- and Flower-free: the server, the ClientApp and the command line read it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from fedanom.common.errors import FedanomError
-from fedanom.common.records import flag, number
 
 
 class PolicyRefused(FedanomError):
@@ -31,6 +30,8 @@ class PrivacyPolicy:
 
     @classmethod
     def from_config(cls, config: Mapping[str, object]) -> PrivacyPolicy:
+        from fedanom.common.records import flag, number  # Flower's: not loaded where the command line starts
+
         policy = cls(
             require_dp=flag(config, "require-dp"),
             max_epsilon=number(config, "max-epsilon"),
