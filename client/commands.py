@@ -312,7 +312,7 @@ def serve(
             raise FedanomError(f"--api-key-file {api_key_file} must hold a key of at least 16 characters")
     elif not is_loopback(host):
         raise FedanomError(f"--host {host} is reachable from other machines: give an --api-key-file")
-    if min(max_memory_mb, max_body_mb) <= 0 or popularity_refresh < 0:
+    if not (max_memory_mb > 0 and max_body_mb > 0 and popularity_refresh >= 0):  # NaN fails too
         raise FedanomError(
             "--max-memory-mb and --max-body-mb must be positive, --popularity-refresh not negative"
         )

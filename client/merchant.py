@@ -98,7 +98,10 @@ def kept_reply(path: Path, metric_keys: tuple[str, ...]) -> tuple[dict[str, np.n
     """The update and metrics a merchant released for this round before: re-sending them is
     post-processing and spends no privacy."""
     with np.load(path) as saved:
-        metrics: Metrics = {key: float(saved[f"metric:{key}"]) for key in metric_keys}
+        # a reply kept by an earlier version may lack metrics added since: it is re-sent without them
+        metrics: Metrics = {
+            key: float(saved[f"metric:{key}"]) for key in metric_keys if f"metric:{key}" in saved
+        }
         update = {name: saved[name] for name in saved.files if not name.startswith("metric:")}
     return update, metrics
 

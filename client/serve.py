@@ -138,13 +138,16 @@ class Batcher:
             batch, self.waiting = self.waiting, []
             try:
                 answer: Answer = await self.run(self.live.add, [r for records, _ in batch for r in records])
-            except Exception as exc:  # a fault of the pass: every request in it gets it
+            except Exception as exc:  # a fault of the pass: every request in it gets it, the loop goes on
+                log.exception("a scoring pass failed")
                 for _, future in batch:
-                    future.set_exception(exc)
+                    if not future.done():  # a request whose client went away
+                        future.set_exception(exc)
                 continue
             start = 0
             for records, future in batch:
-                future.set_result(_part(answer, start, start + len(records)))
+                if not future.done():
+                    future.set_result(_part(answer, start, start + len(records)))
                 start += len(records)
 
 
@@ -218,7 +221,10 @@ class Service:
         return JSONResponse(final.as_json())
 
     async def reload(self, request: Request) -> Response:
-        await self._reload()
+        try:
+            await self._reload()
+        except Exception as exc:  # the old detector stays in force
+            raise RequestError(422, f"the detector was not loaded, the old one serves on: {exc}") from None
         return JSONResponse({"model": self.live.model.digest})
 
     async def metrics_page(self, request: Request) -> Response:
@@ -270,7 +276,8 @@ class Service:
             loaded = await anyio.to_thread.run_sync(load, directory, self.device)
             old = self.live.model
             self.live.threshold(loaded)  # a detector without a calibration fails here, before the swap
-            self.live.model = loaded  # new sessions start on it; open ones keep theirs
+            await self.batcher.run(setattr, self.live, "model", loaded)  # between passes: new sessions
+            # start on it, open ones keep theirs
             self.metrics.model_info.remove(old.digest)
             self.metrics.model_info.labels(loaded.digest).set(1)
             self.metrics.reloads.inc()
@@ -300,11 +307,14 @@ class Service:
                 self.watched = stamp
                 try:
                     await self._reload()
-                except (FedanomError, OSError) as exc:  # half a save, a damaged file: keep serving
+                except Exception as exc:  # half a save, a damaged or foreign file: keep serving the old one
                     log.warning("the new detector in %s was not loaded: %s", self.watch, exc)
             if time.monotonic() - last_expiry >= EXPIRY_SECONDS:
                 last_expiry = time.monotonic()
-                self._count_ended(await self.batcher.run(self.live.expire), "expired")
+                try:
+                    self._count_ended(await self.batcher.run(self.live.expire), "expired")
+                except Exception:  # the next sweep tries again; scoring goes on meanwhile
+                    log.exception("ending idle sessions failed")
 
 
 def _presented_key(request: Request) -> str:
@@ -321,13 +331,13 @@ def _parse(body: bytes, content_type: str) -> list[Any]:
     except UnicodeDecodeError as exc:
         raise RequestError(400, f"the body is not UTF-8 (byte {exc.start})") from None
     if "ndjson" in content_type or "jsonl" in content_type:
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        records: list[Any] = []
+        for line in text.split("\n"):  # not splitlines(): JSON strings may hold U+2028 and its kin
             if line.strip():
                 try:
                     records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise RequestError(400, f"line {number} of the body is not JSON ({exc.msg})") from None
+                except json.JSONDecodeError as exc:  # rejected in its place; the other lines are scored
+                    records.append(exc)
         return records
     try:
         parsed = json.loads(text)

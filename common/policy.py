@@ -12,10 +12,12 @@ Torch- and Flower-free: the server, the ClientApp and the command line read it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from fedanom.common.errors import FedanomError
+from fedanom.common.settings import RUN_DEFAULTS
 
 
 class PolicyRefused(FedanomError):
@@ -32,12 +34,15 @@ class PrivacyPolicy:
     def from_config(cls, config: Mapping[str, object]) -> PrivacyPolicy:
         from fedanom.common.records import flag, number  # Flower's: not loaded where the command line starts
 
-        policy = cls(
-            require_dp=flag(config, "require-dp"),
-            max_epsilon=number(config, "max-epsilon"),
-            max_delta=number(config, "max-delta"),
+        terms = {
+            key: config.get(key, RUN_DEFAULTS[key]) for key in ("require-dp", "max-epsilon", "max-delta")
+        }
+        policy = cls(  # a server of an earlier version states none: no policy
+            require_dp=flag(terms, "require-dp"),
+            max_epsilon=number(terms, "max-epsilon"),
+            max_delta=number(terms, "max-delta"),
         )
-        if policy.max_epsilon < 0 or not 0 <= policy.max_delta < 1:
+        if not (0 <= policy.max_epsilon < math.inf and 0 <= policy.max_delta < 1):  # NaN fails too
             raise FedanomError(f"the privacy policy {asdict(policy)} is not one: bounds must be ≥ 0, δ < 1")
         if (policy.max_epsilon or policy.max_delta) and not policy.require_dp:
             raise FedanomError("a bound on ε or δ needs the policy to require DP (--require-dp)")

@@ -16,7 +16,14 @@ from flwr.app import Message
 from flwr.common.constant import ErrorCode
 
 from fedanom.common.policy import PrivacyPolicy
-from fedanom.common.records import EVALUATE_METRICS, FAILURES, HAS_BACKBONE, TRAIN_METRICS, to_numpy
+from fedanom.common.records import (
+    ACCOUNTANT_METRICS,
+    EVALUATE_METRICS,
+    FAILURES,
+    HAS_BACKBONE,
+    TRAIN_METRICS,
+    to_numpy,
+)
 from fedanom.server.aggregation import Update
 
 # What a plausible merchant reports: sessions are counted, losses and ε are non-negative, scores are
@@ -82,7 +89,12 @@ def metrics_of(msg: Message, required: tuple[str, ...], allowed: tuple[str, ...]
 def train_reply(msg: Message, policy: PrivacyPolicy) -> tuple[Update, dict[str, float]]:
     """The merchant's update and its training metrics, or BadReply (also for an accountant summary
     that breaks the federation's privacy policy)."""
-    metrics = metrics_of(msg, TRAIN_METRICS, TRAIN_METRICS)
+    # the accountant's summary is checked where a policy asks for it (a merchant of an earlier version
+    # sends none, and takes part in a federation without one)
+    required = (
+        TRAIN_METRICS if policy.require_dp else tuple(k for k in TRAIN_METRICS if k not in ACCOUNTANT_METRICS)
+    )
+    metrics = metrics_of(msg, required, TRAIN_METRICS)
     violation = policy.violation(metrics)
     if violation:
         raise BadReply(violation)

@@ -14,8 +14,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata,
 from flwr.common import MessageType
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
+from fedanom.common.errors import FedanomError
 from fedanom.common.policy import PrivacyPolicy
-from fedanom.common.records import FAILURES, MERCHANT_SETUP
+from fedanom.common.records import ACCOUNTANT_METRICS, FAILURES, MERCHANT_SETUP
 from fedanom.server.aggregation import AGGREGATORS, IMPLAUSIBLE, WEIGHT_CAP, Update, aggregate
 from fedanom.server.checkpoints import RoundProgress, rewrite_round_log, write_round
 from fedanom.server.replies import BadReply, evaluate_reply, failure, train_reply
@@ -179,6 +180,16 @@ def test_an_implausible_train_reply_is_refused_with_its_reason(
 ) -> None:
     with pytest.raises(BadReply, match=re.escape(reason)):
         train_reply(reply(train_content(metrics, arrays)), ANY)
+
+
+def test_a_merchant_of_an_earlier_version_takes_part_unless_a_policy_wants_its_accountant() -> None:
+    earlier = {k: v for k, v in GOOD_METRICS.items() if k not in ACCOUNTANT_METRICS}
+    assert train_reply(reply(train_content(earlier, GOOD_ARRAYS)), ANY)[1] == earlier
+    with pytest.raises(BadReply, match="no 'epsilon-budget'"):
+        train_reply(reply(train_content(earlier, GOOD_ARRAYS)), PrivacyPolicy(require_dp=True))
+    assert PrivacyPolicy.from_config({}) == ANY  # and a server of an earlier version states no policy
+    with pytest.raises(FedanomError, match="is not one"):
+        PrivacyPolicy.from_config({"require-dp": True, "max-epsilon": float("nan")})
 
 
 @pytest.mark.parametrize(

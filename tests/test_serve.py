@@ -7,6 +7,7 @@ follows a state directory for new detectors.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -162,6 +163,12 @@ def test_bad_events_are_listed_and_the_rest_of_the_batch_is_scored(keyed: str) -
         "field": "timestamp",
         "reason": "unparseable timestamp",
     }
+    lines = json.dumps(good).encode() + b'\n{"user_id": \n' + json.dumps(late).encode()
+    ndjson = httpx.post(
+        f"{keyed}/events", content=lines, headers={**headers, "Content-Type": "application/x-ndjson"}
+    )
+    assert [e["index"] for e in ndjson.json()["events"]] == [0, 2]  # the broken line alone is left out
+    assert ndjson.json()["rejected"][0]["index"] == 1 and "not JSON" in ndjson.json()["rejected"][0]["reason"]
     not_json = httpx.post(f"{keyed}/events", content=b'{"user_id": ', headers=headers)
     assert not_json.status_code == 400 and "not JSON" in not_json.json()["error"]
     huge = httpx.post(f"{keyed}/events", content=b" " * (1 << 20) + b"[]", headers=headers)

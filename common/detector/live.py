@@ -142,9 +142,9 @@ class LiveSessions:
     def add(
         self, records: Sequence[object]
     ) -> tuple[list[tuple[int, Scored]], list[dict[str, Any]], list[tuple[int, Scored]]]:
-        """Score each valid record against its session: (position, answer) per event, the rejected ones
-        with position, field and reason, and (position, final) for each session an event ended (its
-        user's inactivity gap had passed)."""
+        """Score each valid record against its session: (position, answer) per event (the session's
+        running score after its last event among these), the rejected ones with position, field and
+        reason, and (position, final) for each session an event ended (its user's inactivity gap passed)."""
         table, rejected = self._validate(records)
         sess = table.column("sess").to_numpy()
         by_id = sess != 0
@@ -153,7 +153,7 @@ class LiveSessions:
         positions = table.column("row").to_numpy() - 1
         self.served.add(table.column("item").to_numpy())
         gap_ms = int(self.model.detector.session.gap_minutes * 60_000)
-        pieces: list[tuple[OpenSession, pa.Table, bool]] = []
+        joined: list[OpenSession] = []  # the session each valid event joined
         ended: list[tuple[OpenSession, pa.Table, bool]] = []
         ended_at: list[int] = []
         for i in range(table.num_rows):
@@ -174,10 +174,14 @@ class LiveSessions:
             session.touched = time.monotonic()
             self.sessions.move_to_end(key)
             self.held_bytes += session.nbytes
-            pieces.append((session, session.events, False))
-        answers = self._score(pieces + ended)
+            joined.append(session)
+        # each session scored once a pass, as it stands after its last event in the pass: the events of one
+        # session that arrive together share that answer, so a bulk upload costs its events, not their square
+        latest = list({id(s): s for s in joined}.values())
+        answers = self._score([(s, s.events, False) for s in latest] + ended)
         self._evict()
-        running, finals = answers[: len(pieces)], answers[len(pieces) :]
+        by_session = {id(s): a for s, a in zip(latest, answers, strict=False)}
+        running, finals = [by_session[id(s)] for s in joined], answers[len(latest) :]
         return (
             list(zip(positions.tolist(), running, strict=True)),
             rejected,
@@ -311,6 +315,8 @@ def _as_session(events: pa.Table, piece: int) -> pa.Table:
 
 
 def _not_an_event(record: object, columns: Iterable[str]) -> dict[str, str] | None:
+    if isinstance(record, ValueError):  # a line of an NDJSON body that did not parse
+        return {"field": "", "reason": f"not JSON ({record})"}
     if not isinstance(record, Mapping):
         return {"field": "", "reason": f"an event is a JSON object, not {type(record).__name__}"}
     for column in columns:

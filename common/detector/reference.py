@@ -65,6 +65,8 @@ class FeatureReference:
         depth = np.zeros(len(x))
         for tree, lengths in zip(self.forest.estimators_, self.path_lengths, strict=True):
             depth += lengths[tree.tree_.apply(x)]
+        if self.normaliser == 0:  # a forest of one-sample trees knows nothing: scikit-learn's 0.5
+            return np.full(len(x), 0.5)
         return np.power(2.0, -depth / self.normaliser)
 
     def tails(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -140,8 +142,9 @@ def _problem_with(forest: object) -> str | None:
         return (
             f"it was fitted on {getattr(forest, 'n_features_in_', 'no')} features, not {len(FEATURE_NAMES)}"
         )
-    if forest.max_features != 1.0:  # each tree would read its own subset of the columns
-        return f"its trees read {forest.max_features} of the features, not all of them"
+    for features in getattr(forest, "estimators_features_", []):
+        if len(features) != len(FEATURE_NAMES):  # each tree would read its own subset of the columns
+            return f"a tree reads {len(features)} of the {len(FEATURE_NAMES)} features"
     for tree in getattr(forest, "estimators_", []):
         nodes = tree.tree_
         children = np.concatenate([nodes.children_left, nodes.children_right])
@@ -149,4 +152,9 @@ def _problem_with(forest: object) -> str | None:
             return "a tree's node points outside the tree"
         if nodes.feature.min() < -2 or nodes.feature.max() >= len(FEATURE_NAMES):
             return "a tree splits on a feature that does not exist"
+        ids = np.arange(nodes.node_count)
+        for children in (nodes.children_left, nodes.children_right):
+            if np.any((children != -1) & (children <= ids)):  # a loop, or a path the table cannot follow
+                return "a tree's node points back to itself or above"
+
     return None
