@@ -34,7 +34,13 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import PreTrainedModel
 
-from fedanom.common.detector.model import attach_lora, build_backbone, next_token_nll, pad_batch
+from fedanom.common.detector.model import (
+    ARCHITECTURES,
+    attach_lora,
+    build_backbone,
+    next_token_nll,
+    pad_batch,
+)
 from fedanom.common.detector.privacy import PrivacyLedger
 from fedanom.common.detector.scoring import AGGREGATIONS, aggregate, event_surprise
 from fedanom.common.detector.training import GRAD_SAMPLE_MODES, train_model
@@ -54,11 +60,12 @@ REAL = [
 
 
 # What a merchant could send each round: federation.py measures the bytes, --lora-sweep the quality.
+ALL_LINEAR = ARCHITECTURES["llama"].lora_targets
 ADAPTERS = {
-    "FFA-LoRA r8, all linear": LoraSettings(),
-    "LoRA r8, all linear": LoraSettings(ffa=False),
-    "FFA-LoRA r4, all linear": LoraSettings(rank=4, alpha=8),
-    "FFA-LoRA r8, q/v": LoraSettings(targets=("q_proj", "v_proj")),
+    "FFA-LoRA r8, all linear": LoraSettings(targets=ALL_LINEAR),
+    "LoRA r8, all linear": LoraSettings(ffa=False, targets=ALL_LINEAR),
+    "FFA-LoRA r4, all linear": LoraSettings(rank=4, alpha=8, targets=ALL_LINEAR),
+    "FFA-LoRA r8, q/v (the default)": LoraSettings(),
     "FFA-LoRA r4, q/v": LoraSettings(rank=4, alpha=8, targets=("q_proj", "v_proj")),
 }
 

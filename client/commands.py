@@ -69,7 +69,8 @@ def train(
     lora_targets: Annotated[
         str | None,
         typer.Option(
-            "--lora-targets", help="Comma-separated linear layers to adapt (default: all in each block)."
+            "--lora-targets",
+            help="Comma-separated linear layers to adapt (default: Llama's q_proj,v_proj; GPT-2's all).",
         ),
     ] = None,
     alert_rate: Annotated[

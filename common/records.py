@@ -88,8 +88,8 @@ def to_record(arrays: Mapping[str, Any]) -> ArrayRecord:
 
 def lora_settings(config: Mapping[str, object]) -> LoraSettings:
     """The adapter settings a federation's run config names (`lora-rank`, `lora-alpha`, `lora-seed`,
-    `lora-targets`: comma-separated linear layers, empty for all of them; `supervised-head`: the adapter
-    carries the anomaly head that merchants with labels train)."""
+    `lora-targets`: comma-separated linear layers, empty for the architecture's default;
+    `supervised-head`: the adapter carries the anomaly head that merchants with labels train)."""
     return LoraSettings(
         rank=int(number(config, "lora-rank")),
         alpha=int(number(config, "lora-alpha")),

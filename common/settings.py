@@ -33,7 +33,7 @@ class LoraSettings:
 
     rank: int = 8
     alpha: int = 16
-    targets: tuple[str, ...] = field(default=())  # empty: the architecture's linear layers
+    targets: tuple[str, ...] = field(default=())  # empty: the architecture's default (model.ARCHITECTURES)
     ffa: bool = True  # FFA-LoRA: A frozen (shared seed), only B trained and sent
     seed: int = 0  # draws A; must be the same for every merchant of a federation
     supervised_head: bool = False  # a trained anomaly logit, for merchants with labelled sessions

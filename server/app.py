@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedanom.common.detector.artifact import load_backbone
-from fedanom.common.detector.model import attach_lora, trainable_state
+from fedanom.common.detector.model import attach_lora, lora_targets_of, trainable_state
 from fedanom.common.errors import FedanomError
 from fedanom.common.policy import PrivacyPolicy
 from fedanom.common.records import RUN_DEFAULTS, flag, lora_settings, number, text, to_numpy, to_record
@@ -86,6 +86,9 @@ def run_federation(grid: Grid, cfg: Mapping[str, object]) -> None:
     policy = PrivacyPolicy.from_config(cfg)  # a policy that is not one stops the run before round 1
     min_nodes = int(number(cfg, "min-nodes"))
     config = ConfigRecord({key: cfg[key] for key in FORWARDED})  # type: ignore[misc]  # numbers and text
+    # the layers by name, as this server resolved them: a merchant whose version defaults to other layers
+    # still trains the same adapter
+    config["lora-targets"] = ",".join(lora_targets_of(model))
     config["num-server-rounds"] = total_rounds
     config["round-offset"] = done
     shipper = BackboneShipper(base, timeout=number(cfg, "round-timeout"))

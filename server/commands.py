@@ -74,7 +74,11 @@ def server(
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = LoraSettings.rank,
     alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = LoraSettings.alpha,
     lora_targets: Annotated[
-        str, typer.Option("--lora-targets", help="Comma-separated linear layers to adapt (default: all).")
+        str,
+        typer.Option(
+            "--lora-targets",
+            help="Comma-separated linear layers to adapt (default: Llama's q_proj,v_proj; GPT-2's all).",
+        ),
     ] = "",
     supervised_head: Annotated[
         bool,

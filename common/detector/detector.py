@@ -41,7 +41,7 @@ from fedanom.common.detector.evidence import (
     choose_kinds,
     scales,
 )
-from fedanom.common.detector.model import architecture_of, attach_lora, pick_device
+from fedanom.common.detector.model import architecture_of, attach_lora, lora_targets_of, pick_device
 from fedanom.common.detector.privacy import PrivacyLedger
 from fedanom.common.detector.reference import FeatureReference
 from fedanom.common.detector.scoring import (
@@ -283,7 +283,7 @@ class BehaviourDetector:
                 "path": relative_or_absolute(self.backbone_dir, directory),
                 "architecture": architecture_of(self.model.get_base_model()),
             },
-            lora=self.lora.to_dict(),
+            lora={**self.lora.to_dict(), "targets": list(lora_targets_of(self.model))},  # as resolved
             session=asdict(self.session),
             aggregation=self.aggregation,
             calibration=self.calibration,

@@ -46,6 +46,11 @@ class Architecture:
     build: Callable[[BackboneConfig], PreTrainedModel]
     lora_targets: tuple[str, ...]  # linear layers of the blocks (never embeddings)
     fan_in_fan_out: bool  # GPT-2 stores its linear layers transposed (Conv1D)
+    # The adapter's layers unless the run names its own. Llama: the attention's q and v, 0.41% of the
+    # backbone on the wire against 2.56% for all seven, at the same federated + DP AUPRC on the real
+    # exports (BENCHMARKS.md, sessions 16-17). GPT-2 fuses q, k and v into one c_attn layer, which
+    # peft adapts whole or not at all, so it keeps every linear layer until that is measured.
+    default_targets: tuple[str, ...]
 
 
 def _gpt2(c: BackboneConfig) -> PreTrainedModel:
@@ -84,11 +89,14 @@ def _llama(c: BackboneConfig) -> PreTrainedModel:
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "gpt2": Architecture(_gpt2, ("c_attn", "c_proj", "c_fc"), fan_in_fan_out=True),
+    "gpt2": Architecture(
+        _gpt2, ("c_attn", "c_proj", "c_fc"), fan_in_fan_out=True, default_targets=("c_attn", "c_proj", "c_fc")
+    ),
     "llama": Architecture(
         _llama,
         ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         fan_in_fan_out=False,
+        default_targets=("q_proj", "v_proj"),
     ),
 }
 
@@ -118,7 +126,7 @@ def attach_lora(backbone: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     config = LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
-        target_modules=list(settings.targets or arch.lora_targets),
+        target_modules=list(settings.targets or arch.default_targets),
         lora_dropout=0.0,
         bias="none",
         fan_in_fan_out=arch.fan_in_fan_out,
@@ -143,6 +151,13 @@ def attach_lora(backbone: PreTrainedModel, settings: LoraSettings) -> PeftModel:
             if "lora_A" in name:
                 param.requires_grad_(False)
     return model
+
+
+def lora_targets_of(model: PeftModel) -> tuple[str, ...]:
+    """The layers an attached adapter adapts, by name, as peft resolved them."""
+    config = model.peft_config["default"]
+    assert isinstance(config, LoraConfig)
+    return tuple(sorted(config.target_modules or ()))
 
 
 def _is_linear(module: torch.nn.Module) -> bool:
