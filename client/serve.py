@@ -49,6 +49,7 @@ from fedanom.common.presets import Preset
 
 WATCH_SECONDS = 2.0  # how often the state directory is looked at for a new global detector
 EXPIRY_SECONDS = 5.0  # how often idle sessions are ended
+MAX_WAITING_EVENTS = 100_000  # beyond this the service is behind by half a minute: new requests get 503
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,9 @@ class Batcher:
         self.one_at_a_time = anyio.CapacityLimiter(1)
 
     async def add(self, records: list[Any]) -> Answer:
+        waiting = sum(len(r) for r, _ in self.waiting)
+        if waiting + len(records) > MAX_WAITING_EVENTS:
+            raise RequestError(503, f"the service is behind ({waiting:,} events wait): send again shortly")
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self.waiting.append((records, future))
         self.wake.set()
@@ -138,17 +142,28 @@ class Batcher:
             batch, self.waiting = self.waiting, []
             try:
                 answer: Answer = await self.run(self.live.add, [r for records, _ in batch for r in records])
-            except Exception as exc:  # a fault of the pass: every request in it gets it, the loop goes on
-                log.exception("a scoring pass failed")
-                for _, future in batch:
-                    if not future.done():  # a request whose client went away
-                        future.set_exception(exc)
+            except Exception:  # the pass left nothing behind: each request is tried alone, so one that
+                log.exception(
+                    "a scoring pass failed; its requests are scored one by one"
+                )  # fails fails alone
+                for records, future in batch:
+                    await self._alone(records, future)
                 continue
             start = 0
             for records, future in batch:
-                if not future.done():
+                if not future.done():  # a request whose client went away
                     future.set_result(_part(answer, start, start + len(records)))
                 start += len(records)
+
+    async def _alone(self, records: list[Any], future: asyncio.Future[Answer]) -> None:
+        try:
+            answer: Answer = await self.run(self.live.add, records)
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result(answer)
 
 
 def _part(answer: Answer, start: int, stop: int) -> Answer:

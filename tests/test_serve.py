@@ -7,6 +7,7 @@ follows a state directory for new detectors.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -24,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fedanom.client.serve import MAX_WAITING_EVENTS, Batcher, RequestError
 from fedanom.client.stream import EventStream, StreamError
 from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.live import TRACK_WARMUP, LiveSessions, LoadedDetector
@@ -286,3 +288,37 @@ def test_a_tracked_threshold_flags_the_alert_rate_of_recent_sessions_within_the_
     assert tracked == np.clip(np.quantile(recent, 0.99), lowest, highest)
     if lowest < tracked < highest:  # not held at a bound: the alert rate's share of recent sessions
         assert (recent > tracked).mean() <= 0.01 + 1 / len(recent)
+
+
+def test_a_pass_that_cannot_be_scored_leaves_the_sessions_as_they_were(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure inside scoring (faked: no real input causes one) puts back every event of the pass, so
+    the request tried again is counted once; the service's queue refuses work past its bound (503)."""
+    live = LiveSessions(
+        LoadedDetector(BehaviourDetector.load(root / "detector"), "d"), resolve_preset("taobao")
+    )
+    events = as_events(first_sessions(generate_shop(ShopConfig(n_events=2_000, n_users=40), seed=26)))
+    half = len(events) // 2
+    live.add(events[:half])
+    before = ({k: s.events.num_rows for k, s in live.sessions.items()}, live.held_bytes)
+
+    def broken(pieces: object) -> None:
+        raise RuntimeError("the model failed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(live, "_score", broken)
+        with pytest.raises(RuntimeError):
+            live.add(events[half:])
+    assert ({k: s.events.num_rows for k, s in live.sessions.items()}, live.held_bytes) == before
+    answers, _, _ = live.add(events[half:])  # tried again: each event joins once
+    assert len(answers) == len(events) - half
+    assert sum(s.events.num_rows for s in live.sessions.values()) == len(events)
+
+    async def flood() -> None:
+        batcher = Batcher(live)
+        batcher.waiting.append((list(range(MAX_WAITING_EVENTS)), asyncio.get_running_loop().create_future()))
+        with pytest.raises(RequestError, match="the service is behind"):
+            await batcher.add(events[:1])
+
+    asyncio.run(flood())

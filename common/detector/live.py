@@ -153,6 +153,9 @@ class LiveSessions:
         positions = table.column("row").to_numpy() - 1
         self.served.add(table.column("item").to_numpy())
         gap_ms = int(self.model.detector.session.gap_minutes * 60_000)
+        # what to put back if the pass cannot be scored, so that a request tried again is not counted twice
+        before = (OrderedDict(self.sessions), dict(self.by_id), self.held_bytes)
+        changed: dict[int, tuple[OpenSession, pa.Table, int]] = {}
         joined: list[OpenSession] = []  # the session each valid event joined
         ended: list[tuple[OpenSession, pa.Table, bool]] = []
         ended_at: list[int] = []
@@ -168,6 +171,7 @@ class LiveSessions:
             if session is None:
                 session = self._open(key, row)
             else:
+                changed.setdefault(id(session), (session, session.events, session.last_ts))
                 self.held_bytes -= session.nbytes
                 session.hold(pa.concat_tables([session.events, row]).combine_chunks())
                 session.last_ts = max(session.last_ts, int(ts[i]))
@@ -178,7 +182,14 @@ class LiveSessions:
         # each session scored once a pass, as it stands after its last event in the pass: the events of one
         # session that arrive together share that answer, so a bulk upload costs its events, not their square
         latest = list({id(s): s for s in joined}.values())
-        answers = self._score([(s, s.events, False) for s in latest] + ended)
+        try:
+            answers = self._score([(s, s.events, False) for s in latest] + ended)
+        except Exception:
+            self.sessions, self.by_id, self.held_bytes = before
+            for session, events, last_ts in changed.values():
+                session.hold(events)
+                session.last_ts = last_ts
+            raise
         self._evict()
         by_session = {id(s): a for s, a in zip(latest, answers, strict=False)}
         running, finals = [by_session[id(s)] for s in joined], answers[len(latest) :]
@@ -194,7 +205,11 @@ class LiveSessions:
         if key is None:
             return None
         session = self._close(key)
-        return self._score([(session, session.events, True)])[0]
+        try:
+            return self._score([(session, session.events, True)])[0]
+        except Exception:  # still open: ending it can be asked again
+            self._reopen(key, session)
+            raise
 
     def expire(self, idle_s: float | None = None) -> list[Scored]:
         """End the sessions that saw no event for the inactivity gap (or `idle_s`), with their finals."""
@@ -202,7 +217,12 @@ class LiveSessions:
         now = time.monotonic()
         stale = [key for key, s in self.sessions.items() if now - s.touched >= idle]
         closed = [self._close(key) for key in stale]
-        return self._score([(s, s.events, True) for s in closed])
+        try:
+            return self._score([(s, s.events, True) for s in closed])
+        except Exception:  # still open: the next sweep tries again
+            for key, session in zip(stale, closed, strict=True):
+                self._reopen(key, session)
+            raise
 
     # ------------------------------------------------------------------------------------------ inside
     def _validate(self, records: Sequence[object]) -> tuple[pa.Table, list[dict[str, Any]]]:
@@ -241,6 +261,11 @@ class LiveSessions:
         self.by_id.pop(session.key, None)
         self.held_bytes -= session.nbytes
         return session
+
+    def _reopen(self, key: int, session: OpenSession) -> None:
+        self.sessions[key] = session
+        self.by_id[session.key] = key
+        self.held_bytes += session.nbytes
 
     def _evict(self) -> None:
         while self.held_bytes > self.max_bytes and len(self.sessions) > 1:
