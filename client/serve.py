@@ -43,7 +43,7 @@ from starlette.routing import Route
 
 from fedanom.common.detector.artifact import MANIFEST
 from fedanom.common.detector.detector import BehaviourDetector
-from fedanom.common.detector.live import LiveSessions, LoadedDetector, Scored
+from fedanom.common.detector.live import LiveSessions, LoadedDetector, Scored, alert_rate_of
 from fedanom.common.errors import FedanomError
 from fedanom.common.presets import Preset
 
@@ -142,28 +142,27 @@ class Batcher:
             batch, self.waiting = self.waiting, []
             try:
                 answer: Answer = await self.run(self.live.add, [r for records, _ in batch for r in records])
-            except Exception:  # the pass left nothing behind: each request is tried alone, so one that
-                log.exception(
-                    "a scoring pass failed; its requests are scored one by one"
-                )  # fails fails alone
+            except Exception:  # the pass left nothing behind: each request is scored alone, so that one
+                log.exception("a scoring pass failed; its requests are scored one by one")  # fails alone
                 for records, future in batch:
-                    await self._alone(records, future)
+                    try:
+                        _settle(future, await self.run(self.live.add, records))
+                    except Exception as exc:
+                        _settle(future, exc)
                 continue
             start = 0
             for records, future in batch:
-                if not future.done():  # a request whose client went away
-                    future.set_result(_part(answer, start, start + len(records)))
+                _settle(future, _part(answer, start, start + len(records)))
                 start += len(records)
 
-    async def _alone(self, records: list[Any], future: asyncio.Future[Answer]) -> None:
-        try:
-            answer: Answer = await self.run(self.live.add, records)
-        except Exception as exc:
-            if not future.done():
-                future.set_exception(exc)
-            return
-        if not future.done():
-            future.set_result(answer)
+
+def _settle(future: asyncio.Future[Answer], outcome: Answer | Exception) -> None:
+    if future.done():  # a request whose client went away
+        return
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 def _part(answer: Answer, start: int, stop: int) -> Answer:
@@ -382,7 +381,7 @@ def run_service(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fedanom serve: %(message)s")
     model = load(model_dir, device)
-    rate = alert_rate if alert_rate is not None else model.detector.calibration.alert_rate  # type: ignore[union-attr]
+    rate = alert_rate_of(model.detector, alert_rate)
     if track and bounds is None:
         bounds = (rate / 4, min(rate * 4, 0.5))
     live = LiveSessions(

@@ -59,9 +59,7 @@ class PrivacyPolicy:
                 f"this merchant's privacy budget ε={epsilon_budget:g} is above the federation's maximum "
                 f"ε={self.max_epsilon:g}: join with --epsilon {self.max_epsilon:g} or less"
             )
-        if self.max_delta and delta is not None and delta > self.max_delta:
-            return f"this merchant's δ={delta:.3g} is above the federation's maximum δ={self.max_delta:.3g}"
-        return None
+        return self._delta_refusal(delta)
 
     def violation(self, metrics: Mapping[str, float]) -> str | None:
         """Why a train reply's accountant summary breaks this policy (None: it conforms)."""
@@ -74,4 +72,9 @@ class PrivacyPolicy:
             return (
                 f"its accountant reports ε={spent:.4g}, above the federation's maximum ε={self.max_epsilon:g}"
             )
-        return self.refusal(dp=True, epsilon_budget=0.0, delta=metrics["delta"])
+        return self._delta_refusal(metrics["delta"])
+
+    def _delta_refusal(self, delta: float | None) -> str | None:
+        if self.max_delta and delta is not None and delta > self.max_delta:
+            return f"this merchant's δ={delta:.3g} is above the federation's maximum δ={self.max_delta:.3g}"
+        return None

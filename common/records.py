@@ -22,7 +22,8 @@ from fedanom.common.settings import RUN_DEFAULTS, LoraSettings
 # and this round's noise multiplier, Poisson sampling rate and steps (0 noise: trained without DP); the
 # server checks them against the federation's privacy policy (`common.policy`).
 ACCOUNTANT_METRICS = ("epsilon-budget", "delta", "noise-multiplier", "sample-rate", "steps")
-TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "train-seconds", *ACCOUNTANT_METRICS)
+BASE_TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "train-seconds")  # every version sends these
+TRAIN_METRICS = (*BASE_TRAIN_METRICS, *ACCOUNTANT_METRICS)
 EVALUATE_METRICS = (
     "num-examples",
     "val-surprise",

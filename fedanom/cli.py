@@ -99,19 +99,10 @@ def privacy_report(
     ] = None,
 ) -> None:
     """Each merchant's ε spent, round by round, as the server logged its accountant: a table and a chart."""
-    from fedanom.server.privacy_report import chart, epsilon_by_round
+    from fedanom.server.privacy_report import chart, epsilon_by_round, table
 
     rounds, spent, policy = epsilon_by_round(run_dir)
-    terms = ["DP required"] if policy else ["no privacy policy"]
-    terms += [f"{k.replace('_', ' ')} {v:g}" for k, v in policy.items() if v and k != "require_dp"]
-    table = Table(title=f"ε spent per merchant ({', '.join(terms)})")
-    table.add_column("merchant")
-    for r in rounds:
-        table.add_column(f"round {r}", justify="right")
-    for node, by_round in sorted(spent.items()):
-        cells = [by_round.get(r, "") for r in rounds]
-        table.add_row(node, *(f"{c:.3f}" if isinstance(c, float) else c for c in cells))
-    Console(soft_wrap=True).print(table)
+    Console(soft_wrap=True).print(table(rounds, spent, policy))
     target = out or run_dir / "privacy.png"
     chart(rounds, spent, policy, target)
     typer.echo(f"chart: {target}")

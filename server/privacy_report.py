@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
 from fedanom.common.errors import FedanomError
 
 REFUSED = "refused"
@@ -38,6 +40,20 @@ def epsilon_by_round(run_dir: Path) -> tuple[list[int], dict[str, dict[int, floa
         for entry in left_out:
             table.setdefault(str(entry["node"]), {}).setdefault(this_round, f"{REFUSED}: {entry['reason']}")
     return rounds, table, policy
+
+
+def table(rounds: list[int], spent: dict[str, dict[int, float | str]], policy: dict[str, Any]) -> Table:
+    """Merchants by rounds: ε spent after each, or why the merchant was left out."""
+    terms = ["DP required"] if policy else ["no privacy policy"]
+    terms += [f"{k.replace('_', ' ')} {v:g}" for k, v in policy.items() if v and k != "require_dp"]
+    out = Table(title=f"ε spent per merchant ({', '.join(terms)})")
+    out.add_column("merchant")
+    for r in rounds:
+        out.add_column(f"round {r}", justify="right")
+    for node, by_round in sorted(spent.items()):
+        cells = [by_round.get(r, "") for r in rounds]
+        out.add_row(node, *(f"{c:.3f}" if isinstance(c, float) else c for c in cells))
+    return out
 
 
 def chart(

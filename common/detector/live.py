@@ -39,6 +39,7 @@ import pyarrow as pa
 
 from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.scoring import event_words, explain
+from fedanom.common.errors import FedanomError
 from fedanom.common.loader import EventReader
 from fedanom.common.presets import Preset
 from fedanom.common.sessions import sessionize
@@ -80,7 +81,7 @@ class OpenSession:
 
 @dataclass
 class Scored:
-    """One event's answer, or a session's final one (`event` None)."""
+    """A session's running answer after an event, or its final one."""
 
     session_id: str
     score: float
@@ -135,7 +136,7 @@ class LiveSessions:
         if self.track is None or len(model.recent) < TRACK_WARMUP:
             return calibrated
         fewest, most = self.track
-        rate = self.alert_rate if self.alert_rate is not None else detector.calibration.alert_rate  # type: ignore[union-attr]
+        rate = alert_rate_of(detector, self.alert_rate)
         tracked = float(np.quantile(np.fromiter(model.recent, float), 1.0 - rate))
         return float(np.clip(tracked, detector.threshold(most), detector.threshold(fewest)))
 
@@ -157,14 +158,13 @@ class LiveSessions:
         before = (OrderedDict(self.sessions), dict(self.by_id), self.held_bytes)
         changed: dict[int, tuple[OpenSession, pa.Table, int]] = {}
         joined: list[OpenSession] = []  # the session each valid event joined
-        ended: list[tuple[OpenSession, pa.Table, bool]] = []
+        ended: list[OpenSession] = []
         ended_at: list[int] = []
         for i in range(table.num_rows):
             key = int(group[i])
             session = self.sessions.get(key)
             if session is not None and not by_id[i] and ts[i] - session.last_ts > gap_ms:
-                closed = self._close(key)
-                ended.append((closed, closed.events, True))
+                ended.append(self._close(key))
                 ended_at.append(int(positions[i]))
                 session = None
             row = table.take([i])  # a copy: a session must not hold its request's buffers alive
@@ -183,7 +183,7 @@ class LiveSessions:
         # session that arrive together share that answer, so a bulk upload costs its events, not their square
         latest = list({id(s): s for s in joined}.values())
         try:
-            answers = self._score([(s, s.events, False) for s in latest] + ended)
+            answers = self._score([(s, False) for s in latest] + [(s, True) for s in ended])
         except Exception:
             self.sessions, self.by_id, self.held_bytes = before
             for session, events, last_ts in changed.values():
@@ -206,7 +206,7 @@ class LiveSessions:
             return None
         session = self._close(key)
         try:
-            return self._score([(session, session.events, True)])[0]
+            return self._score([(session, True)])[0]
         except Exception:  # still open: ending it can be asked again
             self._reopen(key, session)
             raise
@@ -218,7 +218,7 @@ class LiveSessions:
         stale = [key for key, s in self.sessions.items() if now - s.touched >= idle]
         closed = [self._close(key) for key in stale]
         try:
-            return self._score([(s, s.events, True) for s in closed])
+            return self._score([(s, True) for s in closed])
         except Exception:  # still open: the next sweep tries again
             for key, session in zip(stale, closed, strict=True):
                 self._reopen(key, session)
@@ -285,48 +285,53 @@ class LiveSessions:
             model.refreshed_at = now
         return model.popularity
 
-    def _score(self, pieces: list[tuple[OpenSession, pa.Table, bool]]) -> list[Scored]:
-        """Each piece (a session's events so far, ended or not) scored as a session of its own, with
-        the model its session started with; pieces of one model share one pass."""
+    def _score(self, pieces: list[tuple[OpenSession, bool]]) -> list[Scored]:
+        """Each piece (a session's events so far, and whether it has ended) scored as a session of its
+        own, with the model the session started with; pieces of one model share one pass."""
         answers: dict[int, Scored] = {}
-        for model in {id(s.model): s.model for s, _, _ in pieces}.values():
-            mine = [i for i, (s, _, _) in enumerate(pieces) if s.model is model]
+        for model in {id(s.model): s.model for s, _ in pieces}.values():
+            mine = [i for i, (s, _) in enumerate(pieces) if s.model is model]
             answers.update(zip(mine, self._score_with(model, [pieces[i] for i in mine]), strict=True))
         return [answers[i] for i in range(len(pieces))]
 
-    def _score_with(
-        self, model: LoadedDetector, pieces: list[tuple[OpenSession, pa.Table, bool]]
-    ) -> list[Scored]:
+    def _score_with(self, model: LoadedDetector, pieces: list[tuple[OpenSession, bool]]) -> list[Scored]:
         if not pieces:
             return []
         detector = model.detector
-        tables = [_as_session(events, i) for i, (_, events, _) in enumerate(pieces)]
+        tables = [_as_session(session.events, i) for i, (session, _) in enumerate(pieces)]
         windows = Windows.from_batches(
             [sessionize(pa.concat_tables(tables), detector.session)], self._popularity(model)
         )
         piece_of = windows.session.astype(np.int64)
-        ended = np.array([closed for _, _, closed in pieces])
+        ended = np.array([closed for _, closed in pieces])
         windows.closes_session &= ended[piece_of]  # a running session has not ended: no <eos> yet
         surprise = detector.surprise(windows)
         scores = detector.combine(surprise, windows)
         threshold = self.threshold(model)
         answers = []
-        for i, (session, events, closed) in enumerate(pieces):
+        for i, (session, closed) in enumerate(pieces):
             own = np.flatnonzero(piece_of == i)
             best = own[np.argmax(scores[own])]
-            last = own[-1]
-            if closed:
-                words = explain(surprise, windows, int(best), reference=detector.reference)
-            else:
-                e = int(windows.offsets[last + 1] - 1)
-                words = [event_words(float(surprise.event[e]), windows, e)]
             score = float(scores[best])
             if closed:
+                words = explain(surprise, windows, int(best), reference=detector.reference)
                 model.recent.append(score)
+            else:  # the session's latest event, the last of its last window
+                e = int(windows.offsets[own[-1] + 1] - 1)
+                words = [event_words(float(surprise.event[e]), windows, e)]
             answers.append(
-                Scored(session.key, score, score > threshold, model.digest, events.num_rows, words)
+                Scored(session.key, score, score > threshold, model.digest, session.events.num_rows, words)
             )
         return answers
+
+
+def alert_rate_of(detector: BehaviourDetector, asked: float | None) -> float:
+    """The alert rate in force: the one asked for, else the one the detector was calibrated at."""
+    if asked is not None:
+        return asked
+    if detector.calibration is None:
+        raise FedanomError("the detector is not calibrated: fit it first")
+    return detector.calibration.alert_rate
 
 
 def _as_session(events: pa.Table, piece: int) -> pa.Table:

@@ -116,12 +116,9 @@ class FeatureReference:
 
 
 def _leaf_path_lengths(tree: Any) -> np.ndarray:
-    """Per node: its depth plus the average path length of the samples it held (used at the leaves)."""
-    depth = np.zeros(tree.node_count)
-    for node in range(tree.node_count):  # a parent's id is always below its children's
-        for child in (tree.children_left[node], tree.children_right[node]):
-            if child != -1:
-                depth[child] = depth[node] + 1.0
+    """Per node: its depth (the root's 0) plus the average path length of the samples it held (used at
+    the leaves). scikit-learn's depths count the root as 1."""
+    depth = np.asarray(tree.compute_node_depths(), dtype=np.float64) - 1.0
     return depth + _average_path_length(tree.n_node_samples.astype(np.float64))
 
 
@@ -156,5 +153,4 @@ def _problem_with(forest: object) -> str | None:
         for children in (nodes.children_left, nodes.children_right):
             if np.any((children != -1) & (children <= ids)):  # a loop, or a path the table cannot follow
                 return "a tree's node points back to itself or above"
-
     return None
