@@ -13,11 +13,9 @@ Everything that arrives is untrusted: a body over the size cap is refused (413) 
 a bad event is listed with its field and reason and nothing of the rest of its batch is lost (422 only
 when no event of the request is valid), and every route but /healthz wants the API key.
 
-Scoring runs in one thread, one pass at a time (the open sessions need no lock), while the event loop
-keeps reading requests: the requests that arrive during a pass are scored together in the next one, so
-a pass's fixed cost (the isolation forest's hundred trees, one call of the model) is paid once for all
-of them. A reload reads the new detector in a thread and swaps it in between passes: no request fails,
-and open sessions finish on the model they began with.
+Scoring runs in one thread, and the requests that arrive during a pass share the next one
+(`client.batcher`). A reload reads the new detector in a thread and swaps it in between passes: no
+request fails, and open sessions finish on the model they began with.
 """
 
 from __future__ import annotations
@@ -34,13 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from fedanom.client.batcher import Batcher, RequestError
+from fedanom.client.serve_metrics import Metrics
 from fedanom.common.detector.artifact import MANIFEST
 from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.live import LiveSessions, LoadedDetector, Scored, alert_rate_of
@@ -49,16 +49,8 @@ from fedanom.common.presets import Preset
 
 WATCH_SECONDS = 2.0  # how often the state directory is looked at for a new global detector
 EXPIRY_SECONDS = 5.0  # how often idle sessions are ended
-MAX_WAITING_EVENTS = 100_000  # beyond this the service is behind by half a minute: new requests get 503
-LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 log = logging.getLogger(__name__)
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status, self.reason = status, reason
 
 
 def load(directory: Path, device: str | None) -> LoadedDetector:
@@ -70,109 +62,6 @@ def load(directory: Path, device: str | None) -> LoadedDetector:
 
 def _digest(directory: Path) -> str:
     return hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()[:12]
-
-
-class Metrics:
-    """What /metrics shows; events per second is the rate of `fedanom_serve_events_total`."""
-
-    def __init__(self, live: LiveSessions, model: Callable[[], LoadedDetector]) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.events = Counter("fedanom_serve_events", "Events scored.", registry=r)
-        self.rejected = Counter("fedanom_serve_events_rejected", "Events rejected as malformed.", registry=r)
-        self.latency = Histogram(
-            "fedanom_serve_event_latency_seconds",
-            "Time from a request's arrival to its answer, once per event in it.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.flags = Counter("fedanom_serve_flagged_events", "Events whose running score passed.", registry=r)
-        self.ended = Counter("fedanom_serve_sessions_ended", "Sessions ended, by how.", ["how"], registry=r)
-        self.ended_flagged = Counter(
-            "fedanom_serve_sessions_flagged", "Ended sessions whose final score passed.", registry=r
-        )
-        self.reloads = Counter("fedanom_serve_reloads", "Detectors loaded after the first.", registry=r)
-        Gauge("fedanom_serve_open_sessions", "Sessions open now.", registry=r).set_function(
-            lambda: len(live.sessions)
-        )
-        Gauge("fedanom_serve_open_session_bytes", "Memory the open sessions hold.", registry=r).set_function(
-            lambda: live.held_bytes
-        )
-        Gauge("fedanom_serve_evictions", "Open sessions dropped at the memory cap.", registry=r).set_function(
-            lambda: live.evicted
-        )
-        Gauge("fedanom_serve_threshold", "The flag threshold in force.", registry=r).set_function(
-            lambda: live.threshold(model())
-        )
-        Gauge("fedanom_serve_model_age_seconds", "Since the detector was loaded.", registry=r).set_function(
-            lambda: time.time() - model().loaded_at
-        )
-        self.model_info = Gauge("fedanom_serve_model", "The detector in force (1).", ["hash"], registry=r)
-
-
-Answer = tuple[list[tuple[int, Scored]], list[dict[str, Any]], list[tuple[int, Scored]]]
-
-
-class Batcher:
-    """One scoring thread for the open sessions; the requests that wait for it share its next pass."""
-
-    def __init__(self, live: LiveSessions) -> None:
-        self.live = live
-        self.waiting: list[tuple[list[Any], asyncio.Future[Answer]]] = []
-        self.wake = asyncio.Event()
-        self.one_at_a_time = anyio.CapacityLimiter(1)
-
-    async def add(self, records: list[Any]) -> Answer:
-        waiting = sum(len(r) for r, _ in self.waiting)
-        if waiting + len(records) > MAX_WAITING_EVENTS:
-            raise RequestError(503, f"the service is behind ({waiting:,} events wait): send again shortly")
-        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        self.waiting.append((records, future))
-        self.wake.set()
-        return await future
-
-    async def run(self, work: Callable[..., Any], *args: Any) -> Any:
-        """`work` on the open sessions, in the scoring thread, after the pass before it."""
-        return await anyio.to_thread.run_sync(work, *args, limiter=self.one_at_a_time)
-
-    async def serve_forever(self) -> None:
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            batch, self.waiting = self.waiting, []
-            try:
-                answer: Answer = await self.run(self.live.add, [r for records, _ in batch for r in records])
-            except Exception:  # the pass left nothing behind: each request is scored alone, so that one
-                log.exception("a scoring pass failed; its requests are scored one by one")  # fails alone
-                for records, future in batch:
-                    try:
-                        _settle(future, await self.run(self.live.add, records))
-                    except Exception as exc:
-                        _settle(future, exc)
-                continue
-            start = 0
-            for records, future in batch:
-                _settle(future, _part(answer, start, start + len(records)))
-                start += len(records)
-
-
-def _settle(future: asyncio.Future[Answer], outcome: Answer | Exception) -> None:
-    if future.done():  # a request whose client went away
-        return
-    if isinstance(outcome, Exception):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
-
-
-def _part(answer: Answer, start: int, stop: int) -> Answer:
-    """The answers to one request's events (positions start..stop of the pass), renumbered from 0."""
-    events, rejected, finals = answer
-    return (
-        [(i - start, a) for i, a in events if start <= i < stop],
-        [{**r, "index": r["index"] - start} for r in rejected if start <= r["index"] < stop],
-        [(i - start, f) for i, f in finals if start <= i < stop],
-    )
 
 
 class Service:

@@ -18,7 +18,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedanom.client.commands import client, score, serve, train
+from fedanom.client.commands import client, score, train
+from fedanom.client.serve_command import serve
 from fedanom.common.check import DataSummary, summarize
 from fedanom.common.errors import FedanomError
 from fedanom.common.prepared import cache_state

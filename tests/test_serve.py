@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedanom.client.serve import MAX_WAITING_EVENTS, Batcher, RequestError
+from fedanom.client.batcher import MAX_WAITING_EVENTS, Batcher, RequestError
 from fedanom.client.stream import EventStream, StreamError
 from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.live import TRACK_WARMUP, LiveSessions, LoadedDetector

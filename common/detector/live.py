@@ -29,9 +29,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +39,7 @@ import pyarrow as pa
 from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.scoring import event_words, explain
 from fedanom.common.errors import FedanomError
-from fedanom.common.loader import EventReader
+from fedanom.common.live_events import RequestReader
 from fedanom.common.presets import Preset
 from fedanom.common.sessions import sessionize
 from fedanom.common.tokens import ItemCounter, Popularity
@@ -49,7 +48,6 @@ from fedanom.common.windows import Windows
 TRACK_WINDOW = 1_000  # ended sessions the tracked threshold looks back on
 TRACK_WARMUP = 200  # ended sessions before the tracked threshold leaves the calibrated one
 SESSION_OVERHEAD_BYTES = 2_048  # an open session's bookkeeping beyond its events, for the memory cap
-REQUEST = Path("request")  # what a bad event's sentence names instead of a file
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +114,7 @@ class LiveSessions:
     ) -> None:
         self.model = model
         self.track = track
-        self.reader = EventReader(REQUEST, preset)
+        self.reader = RequestReader(preset)
         self.alert_rate = alert_rate
         self.max_bytes = max_bytes
         self.refresh_s = refresh_s
@@ -146,7 +144,7 @@ class LiveSessions:
         """Score each valid record against its session: (position, answer) per event (the session's
         running score after its last event among these), the rejected ones with position, field and
         reason, and (position, final) for each session an event ended (its user's inactivity gap passed)."""
-        table, rejected = self._validate(records)
+        table, rejected = self.reader.read(records)
         sess = table.column("sess").to_numpy()
         by_id = sess != 0
         group = np.where(by_id, sess, table.column("user").to_numpy())
@@ -225,27 +223,6 @@ class LiveSessions:
             raise
 
     # ------------------------------------------------------------------------------------------ inside
-    def _validate(self, records: Sequence[object]) -> tuple[pa.Table, list[dict[str, Any]]]:
-        columns = self.reader.preset.source_columns()
-        rejected: list[dict[str, Any]] = []
-        plain: list[dict[str, str | None]] = []
-        for i, record in enumerate(records):
-            why = _not_an_event(record, columns)
-            if why is None and isinstance(record, Mapping):
-                plain.append({c: _text(record.get(c)) for c in columns})
-            else:
-                rejected.append({"index": i, **(why or {})})
-                plain.append(dict.fromkeys(columns))  # kept in place so positions stay the request's
-        batch = pa.RecordBatch.from_pydict({c: pa.array([p[c] for p in plain], pa.string()) for c in columns})
-        table, bad = self.reader.validate(batch, row0=1)  # rows count from 1, as an NDJSON body's lines
-        early = {r["index"] for r in rejected}
-        keep = np.array([int(r) - 1 not in early for r in table.column("row").to_numpy()], dtype=bool)
-        rejected += [
-            {"index": b.row - 1, "field": b.column, "reason": b.reason} for b in bad if b.row - 1 not in early
-        ]
-        rejected.sort(key=lambda r: r["index"])
-        return table.filter(pa.array(keep)), rejected
-
     def _open(self, key: int, row: pa.Table) -> OpenSession:
         sess_raw = row.column("sess_raw")[0].as_py()
         start = int(row.column("ts")[0].as_py())
@@ -342,22 +319,3 @@ def _as_session(events: pa.Table, piece: int) -> pa.Table:
     events = events.set_column(sess, "sess", pa.array(np.full(n, piece + 1, dtype=np.uint64)))
     raw = events.schema.get_field_index("sess_raw")
     return events.set_column(raw, "sess_raw", pa.array([str(piece)] * n, pa.string()))
-
-
-def _not_an_event(record: object, columns: Iterable[str]) -> dict[str, str] | None:
-    if isinstance(record, ValueError):  # a line of an NDJSON body that did not parse
-        return {"field": "", "reason": f"not JSON ({record})"}
-    if not isinstance(record, Mapping):
-        return {"field": "", "reason": f"an event is a JSON object, not {type(record).__name__}"}
-    for column in columns:
-        if isinstance(record.get(column), (dict, list)):
-            return {"field": column, "reason": "holds a JSON object or list, not one value"}
-    return None
-
-
-def _text(value: object) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
