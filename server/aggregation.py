@@ -25,21 +25,27 @@ updates can drag it below every honest one):
 Under FFA-LoRA only B is sent and A is the same everywhere, so the weighted mean of the B matrices
 (FedAvg) is exactly the average of the merchants' adapters. Coordinate-wise trimmed mean (at least the
 largest and smallest value cut from three updates on) and median, both unweighted, are there for
-federations that expect poisoned updates.
+federations that expect poisoned updates. Once the updates are checked, clipped and weighed, Flower's
+own aggregation does the arithmetic of each (its FedAvg, FedTrimmedAvg and FedMedian strategies' helpers),
+and its metric aggregation the weighted means of the merchants' metrics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
 
 Arrays = dict[str, np.ndarray]
 DEFAULT_RMS_PER_LR = 10.0
 IMPLAUSIBLE = 100.0
 WEIGHT_CAP = 10.0
 TRIM_FRACTION = 0.2
+WEIGHT = "weight"  # the metric Flower's aggregation weighs by: a merchant's capped example count
 
 
 @dataclass
@@ -88,25 +94,47 @@ def change_norm(update: Update, reference: Arrays) -> float:
     return float(np.sqrt(sum(float(np.sum((update.arrays[k] - v) ** 2)) for k, v in reference.items())))
 
 
-def _fedavg(stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    return np.tensordot(weights / weights.sum(), stack, axes=1)
+def _fedavg(changes: list[Arrays], weights: np.ndarray) -> Arrays:
+    """Flower's weighted FedAvg (`aggregate_arrayrecords`, as its FedAvg strategy calls it)."""
+    records = [
+        RecordDict(
+            {
+                "changes": ArrayRecord({k: Array(v) for k, v in c.items()}),
+                "weight": MetricRecord({WEIGHT: float(w)}),
+            }
+        )
+        for c, w in zip(changes, weights, strict=True)
+    ]
+    return {name: array.numpy() for name, array in aggregate_arrayrecords(records, WEIGHT).items()}
 
 
-def _trimmed_mean(stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    cut = max(1, int(TRIM_FRACTION * len(stack))) if len(stack) >= 3 else 0
-    ordered = np.sort(stack, axis=0)
-    return ordered[cut : len(stack) - cut].mean(axis=0)
+def _trimmed_mean(changes: list[Arrays], weights: np.ndarray) -> Arrays:
+    """Flower's FedTrimmedAvg arithmetic, cutting at least one update from each end from three on."""
+    n = len(changes)
+    cut = max(1, int(TRIM_FRACTION * n)) if n >= 3 else 0
+    beta = (cut + 0.25) / n  # Flower cuts int(beta * n) from each end: exactly `cut`, and beta < 0.5
+    return {name: trim_mean(np.stack([c[name] for c in changes]), beta) for name in changes[0]}
 
 
-def _median(stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    return np.median(stack, axis=0)
+def _median(changes: list[Arrays], weights: np.ndarray) -> Arrays:
+    """Flower's FedMedian arithmetic: the coordinate-wise median."""
+    return {name: np.median(np.stack([c[name] for c in changes]), axis=0) for name in changes[0]}
 
 
-AGGREGATORS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+AGGREGATORS: dict[str, Callable[[list[Arrays], np.ndarray], Arrays]] = {
     "fedavg": _fedavg,
     "trimmed-mean": _trimmed_mean,
     "median": _median,
 }
+
+
+def weighted_means(metrics: Sequence[Mapping[str, float]], weights: np.ndarray) -> dict[str, float]:
+    """Flower's weighted metric mean (`aggregate_metricrecords`), with fedanom's capped weights."""
+    records = [
+        RecordDict({"metrics": MetricRecord({**m, WEIGHT: float(w)})})
+        for m, w in zip(metrics, weights, strict=True)
+    ]
+    return {k: float(v) for k, v in aggregate_metricrecords(records, WEIGHT).items()}  # type: ignore[arg-type]
 
 
 def capped_weights(examples: list[int]) -> np.ndarray:
@@ -145,9 +173,6 @@ def aggregate(updates: list[Update], reference: Arrays, *, method: str, norm_bou
         return outcome
     weights = capped_weights([u.examples for u in valid])
     outcome.weights = {u.node: float(w) for u, w in zip(valid, weights, strict=True)}
-    combine = AGGREGATORS[method]
-    outcome.merged = {
-        name: (ref + combine(np.stack([change[name] for change in changes]), weights)).astype(ref.dtype)
-        for name, ref in reference.items()
-    }
+    combined = AGGREGATORS[method](changes, weights)
+    outcome.merged = {name: (ref + combined[name]).astype(ref.dtype) for name, ref in reference.items()}
     return outcome

@@ -3,8 +3,8 @@ untrusted input (`server.replies`) and goes through fedanom's checked aggregatio
 so a malformed, implausible or outsized reply is logged and left out instead of averaged. Merchants that
 lack the backbone get it first (`server.shipping`).
 
-Evaluation metrics are combined with the same capped weights as training, not Flower's plain
-example-weighted mean: a merchant's claimed session count is untrusted and must not decide alone
+Metrics are averaged by Flower's metric aggregation with the same capped weights as training, not
+by the raw example counts: a merchant's claimed session count is untrusted and must not decide alone
 (BENCHMARKS.md, poisoning).
 """
 
@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedanom.common.policy import PrivacyPolicy
 from fedanom.common.records import EVALUATE_METRICS, SCORE_HEAD, to_numpy, to_record
-from fedanom.server.aggregation import Arrays, aggregate, capped_weights
+from fedanom.server.aggregation import Arrays, aggregate, capped_weights, weighted_means
 from fedanom.server.replies import BadReply, evaluate_reply, failure, train_reply
 from fedanom.server.shipping import BackboneShipper
 
@@ -121,10 +121,9 @@ class CheckedFedAvg(FedAvg):
         accepted = [u for u in updates if u.node in outcome.weights]
         combined: dict[str, float] = {}
         if accepted:
-            weights = outcome.weights
+            losses = [{"train-loss": per_client[str(u.node)]["train-loss"]} for u in accepted]
             combined = {
-                "train-loss": sum(per_client[str(u.node)]["train-loss"] * weights[u.node] for u in accepted)
-                / sum(weights.values()),
+                **weighted_means(losses, np.array([outcome.weights[u.node] for u in accepted])),
                 "max-epsilon": max(per_client[str(u.node)]["epsilon"] for u in accepted),
                 "num-examples": sum(u.examples for u in accepted),
             }
@@ -162,7 +161,7 @@ class CheckedFedAvg(FedAvg):
             reported = [m for m in per_client.values() if key in m]
             if reported:
                 weights = capped_weights([int(m["num-examples"]) for m in reported])
-                combined[key] = float(np.dot([m[key] for m in reported], weights) / weights.sum())
+                combined.update(weighted_means([{key: m[key]} for m in reported], weights))
         self.record["evaluate"] = {
             "clients": per_client,
             "failed": failed,

@@ -34,7 +34,7 @@ def test_no_user_owns_a_share_of_the_shop() -> None:
     assert shop.user_id.value_counts().iloc[0] / len(shop) < 0.02  # the Zipf users gave one user 5%
 
 
-def test_every_attack_is_labelled_and_spread_over_the_shop(shared_data: Path) -> None:
+def test_every_attack_is_labelled_and_spread_over_the_shop() -> None:
     shop = generate_shop(ShopConfig(n_events=10_000, n_users=1_000, n_items=3_000, p_login=0.2), seed=0)
     events = inject(shop, dict.fromkeys(ATTACKS, 3), seed=1)
     bots = events[events.attack != ""]

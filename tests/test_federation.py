@@ -85,8 +85,6 @@ def federation(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) ->
             (root / "labels-0.csv").write_text("user_id,label\n" + "".join(f"{u},1\n" for u in bots))
     spy = root / "spy"
     spy.mkdir()
-    os.environ[SPY_DIR] = str(spy)  # Ray's workers inherit the environment
-
     virtual = VirtualMerchants(
         data=tuple(files),
         state_root=root / "state",
@@ -104,6 +102,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) ->
         "supervised-head": True,
     }
     try:
+        os.environ[SPY_DIR] = str(spy)  # Ray's workers inherit the environment
         run_simulation(
             server_app=build_app(overrides),
             client_app=client,
