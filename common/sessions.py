@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fedanom.common.loader import EVENT_SCHEMA
+from fedanom.common.settings import BackboneConfig
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class SessionConfig:
     """How events become sessions and windows."""
 
     gap_minutes: float = 30.0  # inactivity that ends a session when the export has no session id
-    window: int = 128  # most events in one scored window
+    window: int = BackboneConfig.max_events  # most events in one scored window
 
     def __post_init__(self) -> None:
         if not self.gap_minutes > 0:

@@ -2,16 +2,25 @@
 
 Plain data with no torch, transformers or Flower import, so the command line can show these defaults
 in `--help` and check a user's options in a second instead of loading the model stack first. The code
-that builds and trains models (`common.model`, `client.training`) reads them from here.
+that builds and trains models (`common.detector.model`, `common.detector.training`) reads them from here.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from fedanom.common.errors import FedanomError
 
 ARCHITECTURE_NAMES = ("gpt2", "llama")  # detector.model.ARCHITECTURES builds each (a test keeps them equal)
 EPSILON = 8.0  # a merchant's total privacy budget unless it names its own
+AGGREGATIONS = (
+    "fedavg",
+    "trimmed-mean",
+    "median",
+)  # server.aggregation.AGGREGATORS does each (a test keeps them equal)
 ALERT_RATE = 0.01  # the share of normal sessions a detector flags unless the merchant asks for another
 
 
@@ -63,31 +72,96 @@ class TrainSettings:
         return max(1, math.ceil(self.epochs * sessions / min(self.batch_size, sessions)))
 
 
-# The federation's run config with its defaults, the dataclasses' where they share a setting.
-# pyproject.toml's [tool.flwr.app.config] repeats them for `flwr run` (a test keeps the two equal), and the
-# `fedanom server` options show them; `fedanom server` / `simulate` override them.
-RUN_DEFAULTS: dict[str, bool | float | int | str] = {
-    "num-server-rounds": 3,
-    "fraction-train": 1.0,
-    "min-nodes": 2,
-    "expect-nodes": 0,
-    "round-timeout": 600.0,
-    "aggregation": "fedavg",
-    "norm-bound": 0.0,
-    "resume": False,
-    "run-dir": "runs/default",
-    "base": "base",
-    "local-epochs": 1.0,
-    "batch-size": TrainSettings.batch_size,
-    "learning-rate": TrainSettings.learning_rate,
-    "max-grad-norm": TrainSettings.max_grad_norm,
-    "lora-rank": LoraSettings.rank,
-    "lora-alpha": LoraSettings.alpha,
-    "lora-seed": LoraSettings.seed,
-    "lora-targets": "",
-    "supervised-head": LoraSettings.supervised_head,
-    "dp": TrainSettings.dp,
-    "require-dp": False,  # the operator's privacy policy (`common.policy`): merchants must train with DP,
-    "max-epsilon": 0.0,  # within this total budget (0: any),
-    "max-delta": 0.0,  # and this δ (0: any)
-}
+# The pretraining an operator runs (`fedanom pretrain`, and `simulate`'s backbone): every weight, public
+# data, no DP, a few epochs at a larger step than DP-SGD's
+PRETRAIN = TrainSettings(epochs=2.0, learning_rate=3e-3, dp=False)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The federation's run config, typed; its Flower form (`to_config`) has the same names with hyphens.
+
+    pyproject.toml's [tool.flwr.app.config] repeats the defaults for `flwr run` (a test keeps the two
+    equal); the `fedanom server` and `simulate` options show them and override them. The adapter's and
+    training's defaults are the dataclasses' above.
+    """
+
+    num_server_rounds: int = 3
+    fraction_train: float = 1.0
+    min_nodes: int = 2
+    expect_nodes: int = 0  # merchants to wait for before round 1 (0: min_nodes)
+    round_timeout: float = 600.0
+    aggregation: str = "fedavg"
+    norm_bound: float = 0.0  # 0: from the learning rate (`server.aggregation.default_norm_bound`)
+    resume: bool = False
+    run_dir: str = "runs/fedanom"
+    base: str = "base"
+    local_epochs: float = 1.0
+    batch_size: int = TrainSettings.batch_size
+    learning_rate: float = TrainSettings.learning_rate
+    max_grad_norm: float = TrainSettings.max_grad_norm
+    lora_rank: int = LoraSettings.rank
+    lora_alpha: int = LoraSettings.alpha
+    lora_seed: int = LoraSettings.seed
+    lora_targets: str = ""  # comma-separated; empty: the architecture's default
+    supervised_head: bool = LoraSettings.supervised_head
+    dp: bool = TrainSettings.dp
+    require_dp: bool = False  # the operator's privacy policy (`common.policy`): merchants must train with DP,
+    max_epsilon: float = 0.0  # within this total budget (0: any),
+    max_delta: float = 0.0  # and this δ (0: any)
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise FedanomError(
+                f"the aggregation must be one of {', '.join(AGGREGATIONS)}, not {self.aggregation}"
+            )
+        if not 0 <= self.norm_bound < math.inf:
+            raise FedanomError(f"the norm bound {self.norm_bound:g} must be positive, or 0 for the default")
+
+    def to_config(self) -> dict[str, bool | float | int | str]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> RunSettings:
+        """A Flower run config as settings (a key it lacks keeps its default): a value of the wrong type
+        is a user's mistake, said in one sentence, and never read as something else (a text "false" as
+        true, a float as a round count)."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key in config:
+                values[f.name] = _typed(key, config[key], getattr(cls, f.name))
+        return cls(**values)
+
+    def local_settings(self, rounds: int = 1) -> TrainSettings:
+        """What a merchant does in `rounds` rounds in one go: local-only and centralized
+        training in a simulation train as long as the federation's merchants do in all its rounds."""
+        return TrainSettings(
+            epochs=rounds * self.local_epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            max_grad_norm=self.max_grad_norm,
+            dp=self.dp,
+        )
+
+
+def _typed(key: str, value: object, default: object) -> object:
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+        wanted = "true or false"
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        wanted = "a whole number"
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        wanted = "a number"
+        value = float(value) if ok else value  # type: ignore[arg-type]
+    else:
+        ok = isinstance(value, str)
+        wanted = "text"
+    if not ok:
+        raise FedanomError(f"config value '{key}' must be {wanted}, not {value!r}")
+    return value
+
+
+RUN_DEFAULTS = RunSettings().to_config()

@@ -22,7 +22,8 @@ from fedanom.common.detector.artifact import load_backbone
 from fedanom.common.detector.model import attach_lora, lora_targets_of, trainable_state
 from fedanom.common.errors import FedanomError
 from fedanom.common.policy import PrivacyPolicy
-from fedanom.common.records import RUN_DEFAULTS, flag, lora_settings, number, text, to_numpy, to_record
+from fedanom.common.records import lora_settings, to_numpy, to_record
+from fedanom.common.settings import RunSettings
 from fedanom.server.aggregation import default_norm_bound
 from fedanom.server.checkpoints import last_checkpoint, rewrite_round_log, write_round
 from fedanom.server.shipping import BackboneShipper
@@ -62,45 +63,46 @@ def build_app(overrides: Mapping[str, bool | float | int | str] | None = None) -
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, {**RUN_DEFAULTS, **context.run_config, **(overrides or {})})
+        run_federation(grid, RunSettings.from_config({**context.run_config, **(overrides or {})}))
 
     return server_app
 
 
-def run_federation(grid: Grid, cfg: Mapping[str, object]) -> None:
+def run_federation(grid: Grid, run: RunSettings) -> None:
     """The whole federated run: rounds, checkpoints, the final global adapter."""
-    run_dir = Path(text(cfg, "run-dir"))
+    cfg = run.to_config()
+    run_dir = Path(run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    base = Path(text(cfg, "base"))
+    base = Path(run.base)
     lora = lora_settings(cfg)
     model = attach_lora(load_backbone(base), lora)
     arrays = {name: t.numpy() for name, t in trainable_state(model).items()}
-    total_rounds, done = int(number(cfg, "num-server-rounds")), 0
-    resumed = last_checkpoint(run_dir) if flag(cfg, "resume") else None
+    total_rounds, done = run.num_server_rounds, 0
+    resumed = last_checkpoint(run_dir) if run.resume else None
     if resumed is not None:
         done, arrays = resumed
     rewrite_round_log(run_dir, done)
-    norm_bound = number(cfg, "norm-bound") or default_norm_bound(arrays, number(cfg, "learning-rate"))
+    norm_bound = run.norm_bound or default_norm_bound(arrays, run.learning_rate)
     if not 0 < norm_bound < math.inf:
         raise FedanomError(f"the update norm bound must be a positive number, not {norm_bound:g}")
     policy = PrivacyPolicy.from_config(cfg)  # a policy that is not one stops the run before round 1
-    min_nodes = int(number(cfg, "min-nodes"))
-    config = ConfigRecord({key: cfg[key] for key in FORWARDED})  # type: ignore[misc]  # numbers and text
+    min_nodes = run.min_nodes
+    config = ConfigRecord({key: cfg[key] for key in FORWARDED})
     # the layers by name, as this server resolved them: a merchant whose version defaults to other layers
     # still trains the same adapter
     config["lora-targets"] = ",".join(lora_targets_of(model))
     config["num-server-rounds"] = total_rounds
     config["round-offset"] = done
-    shipper = BackboneShipper(base, timeout=number(cfg, "round-timeout"))
+    shipper = BackboneShipper(base, timeout=run.round_timeout)
     config["backbone-hash"] = shipper.hash
     strategy = CheckedFedAvg(
-        method=text(cfg, "aggregation"),
+        method=run.aggregation,
         norm_bound=norm_bound,
         shipper=shipper,
         policy=policy,
         round_offset=done,
-        fraction_train=number(cfg, "fraction-train"),
-        fraction_evaluate=number(cfg, "fraction-train"),
+        fraction_train=run.fraction_train,
+        fraction_evaluate=run.fraction_train,
         min_train_nodes=min_nodes,
         min_evaluate_nodes=min_nodes,
         min_available_nodes=min_nodes,
@@ -113,12 +115,12 @@ def run_federation(grid: Grid, cfg: Mapping[str, object]) -> None:
 
     if total_rounds > done:
         if done == 0:
-            wait_for_nodes(grid, int(number(cfg, "expect-nodes")), number(cfg, "round-timeout"))
+            wait_for_nodes(grid, run.expect_nodes, run.round_timeout)
         result = strategy.start(
             grid,
             to_record(arrays),
             num_rounds=total_rounds - done,
-            timeout=number(cfg, "round-timeout"),
+            timeout=run.round_timeout,
             train_config=config,
             evaluate_config=config,
             evaluate_fn=checkpoint,

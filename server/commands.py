@@ -8,86 +8,69 @@ without waiting ~8 s for it to load.
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fedanom.common.backbone import backbone_hash
-from fedanom.common.errors import FedanomError
-from fedanom.common.flower import (
-    check_transport,
-    split_address,
-)
 from fedanom.common.ingest import ingest
-from fedanom.common.policy import PrivacyPolicy
 from fedanom.common.presets import resolve_preset
 from fedanom.common.sessions import SessionConfig
-from fedanom.common.settings import (
-    ARCHITECTURE_NAMES,
-    RUN_DEFAULTS,
-    BackboneConfig,
-    LoraSettings,
-    TrainSettings,
-)
+from fedanom.common.settings import AGGREGATIONS, ARCHITECTURE_NAMES, PRETRAIN, BackboneConfig, RunSettings
 from fedanom.common.windows import Windows
 from fedanom.options import DataSource, DeviceOption, data_options, err, file_and_preset
-from fedanom.server.aggregation import AGGREGATORS
-from fedanom.server.checkpoints import RoundProgress
-from fedanom.server.superlink import Listener, RunConfig, run_on_superlink
+from fedanom.server.superlink import run_server
 
 
 def server(
     base: Annotated[
         Path, typer.Option("--base", help="Backbone directory (sent, hash-checked, to merchants lacking it).")
     ],
-    rounds: Annotated[int, typer.Option("--rounds")] = int(RUN_DEFAULTS["num-server-rounds"]),
+    rounds: Annotated[int, typer.Option("--rounds")] = RunSettings.num_server_rounds,
     min_clients: Annotated[
         int, typer.Option("--min-clients", help="Merchants needed to start a round.")
-    ] = int(RUN_DEFAULTS["min-nodes"]),
+    ] = RunSettings.min_nodes,
     expect_clients: Annotated[
         int, typer.Option("--expect-clients", help="Merchants to wait for before round 1 (0: --min-clients).")
-    ] = int(RUN_DEFAULTS["expect-nodes"]),
+    ] = RunSettings.expect_nodes,
     fraction: Annotated[
         float, typer.Option("--fraction", help="Share of merchants sampled each round.")
-    ] = float(RUN_DEFAULTS["fraction-train"]),
+    ] = RunSettings.fraction_train,
     round_timeout: Annotated[
         float, typer.Option("--round-timeout", help="Seconds to wait for replies.")
-    ] = float(RUN_DEFAULTS["round-timeout"]),
-    aggregation: Annotated[str, typer.Option("--aggregation", help=", ".join(AGGREGATORS))] = str(
-        RUN_DEFAULTS["aggregation"]
-    ),
+    ] = RunSettings.round_timeout,
+    aggregation: Annotated[
+        str, typer.Option("--aggregation", help=", ".join(AGGREGATIONS))
+    ] = RunSettings.aggregation,
     norm_bound: Annotated[
         float,
         typer.Option(
             "--norm-bound",
             help="Each update's change is clipped to this norm; 0: 10 x learning rate per value.",
         ),
-    ] = float(RUN_DEFAULTS["norm-bound"]),
-    local_epochs: Annotated[float, typer.Option("--local-epochs")] = float(RUN_DEFAULTS["local-epochs"]),
-    batch_size: Annotated[int, typer.Option("--batch-size")] = TrainSettings.batch_size,
-    learning_rate: Annotated[float, typer.Option("--learning-rate")] = TrainSettings.learning_rate,
-    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm")] = TrainSettings.max_grad_norm,
-    rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = LoraSettings.rank,
-    alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = LoraSettings.alpha,
+    ] = RunSettings.norm_bound,
+    local_epochs: Annotated[float, typer.Option("--local-epochs")] = RunSettings.local_epochs,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = RunSettings.batch_size,
+    learning_rate: Annotated[float, typer.Option("--learning-rate")] = RunSettings.learning_rate,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm")] = RunSettings.max_grad_norm,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = RunSettings.lora_rank,
+    alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = RunSettings.lora_alpha,
     lora_targets: Annotated[
         str,
         typer.Option(
             "--lora-targets",
             help="Comma-separated linear layers to adapt (default: Llama's q_proj,v_proj; GPT-2's all).",
         ),
-    ] = "",
+    ] = RunSettings.lora_targets,
     supervised_head: Annotated[
         bool,
         typer.Option(
             "--supervised-head", help="An anomaly head in the adapter, trained by merchants with --labels."
         ),
-    ] = False,
+    ] = RunSettings.supervised_head,
     run_dir: Annotated[Path, typer.Option("--run-dir", help="Checkpoints, logs, the global adapter.")] = Path(
-        "runs/fedanom"
+        RunSettings.run_dir
     ),
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue after the last completed round.")
@@ -107,67 +90,48 @@ def server(
     ] = None,
     require_dp: Annotated[
         bool, typer.Option("--require-dp", help="Merchants must train with DP: others are refused.")
-    ] = False,
+    ] = RunSettings.require_dp,
     max_epsilon: Annotated[
         float, typer.Option("--max-epsilon", help="Largest total ε a merchant may join with (0: any).")
-    ] = 0.0,
+    ] = RunSettings.max_epsilon,
     max_delta: Annotated[
         float, typer.Option("--max-delta", help="Largest δ a merchant may use (0: any).")
-    ] = 0.0,
+    ] = RunSettings.max_delta,
 ) -> None:
     """Run a federation: a Flower SuperLink, rounds of merchants' DP adapters, a global detector."""
-    backbone_hash(base)  # a clear error now rather than in every merchant later
-    if aggregation not in AGGREGATORS:
-        raise FedanomError(f"--aggregation must be one of {', '.join(AGGREGATORS)}")
-    if not 0 <= norm_bound < math.inf:
-        raise FedanomError(f"--norm-bound {norm_bound:g}: give a positive norm, or 0 for the default")
-    host, port = split_address(address)
-    plain = check_transport(host, insecure=insecure, has_certificates=certificates is not None)
-    for key in node_keys or []:
-        if not key.is_file():
-            raise FedanomError(f"--node-key {key} does not exist")
-    if node_keys and plain:
-        raise FedanomError(
-            "--node-key needs TLS: give --certificates (Flower authenticates nodes over TLS only)"
-        )
-    run_dir = run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    values: RunConfig = {
-        "num-server-rounds": rounds,
-        "min-nodes": min_clients,
-        "expect-nodes": expect_clients,
-        "fraction-train": fraction,
-        "round-timeout": round_timeout,
-        "aggregation": aggregation,
-        "norm-bound": norm_bound,
-        "resume": resume,
-        "run-dir": str(run_dir),
-        "base": str(base.resolve()),
-        "local-epochs": local_epochs,
-        "batch-size": batch_size,
-        "learning-rate": learning_rate,
-        "max-grad-norm": max_grad_norm,
-        "lora-rank": rank,
-        "lora-alpha": alpha,
-        "lora-targets": lora_targets,
-        "supervised-head": supervised_head,
-        "require-dp": require_dp,
-        "max-epsilon": max_epsilon,
-        "max-delta": max_delta,
-    }
-    PrivacyPolicy.from_config(values)  # a policy that is not one, said now rather than in round 1
-    listener = Listener(host, port, None if plain else (certificates or Path()).resolve())
-    progress = RoundProgress(run_dir, rounds, typer.echo, resumed=resume)
-    finished = run_on_superlink(listener, run_dir, values, node_keys or [], progress)
-    rounds_log = run_dir / "rounds.jsonl"
-    if finished != 0 or not (run_dir / "global" / "adapter").exists():
-        raise FedanomError(f"the federated run did not finish; see {run_dir / 'superlink.log'}")
-    done = [json.loads(line) for line in rounds_log.read_text().splitlines()] if rounds_log.exists() else []
-    rejected = sum(len(r["rejected"]) for r in done)
-    typer.echo(
-        f"federation finished: {len(done)} rounds, {rejected} updates rejected; "
-        f"global adapter in {run_dir / 'global' / 'adapter'}, checkpoints in {run_dir}"
+    settings = RunSettings(
+        num_server_rounds=rounds,
+        min_nodes=min_clients,
+        expect_nodes=expect_clients,
+        fraction_train=fraction,
+        round_timeout=round_timeout,
+        aggregation=aggregation,
+        norm_bound=norm_bound,
+        resume=resume,
+        run_dir=str(run_dir.resolve()),
+        base=str(base.resolve()),
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        max_grad_norm=max_grad_norm,
+        lora_rank=rank,
+        lora_alpha=alpha,
+        lora_targets=lora_targets,
+        supervised_head=supervised_head,
+        require_dp=require_dp,
+        max_epsilon=max_epsilon,
+        max_delta=max_delta,
     )
+    keys = node_keys or []
+    summary = run_server(
+        settings,
+        address=address,
+        certificates=certificates,
+        insecure=insecure,
+        node_keys=keys,
+        echo=typer.echo,
+    )
+    typer.echo(summary)
 
 
 DEFAULT_BACKBONE = BackboneConfig()
@@ -186,9 +150,9 @@ def pretrain(
     window: Annotated[
         int, typer.Option("--window", help="Most events in one window.")
     ] = DEFAULT_BACKBONE.max_events,
-    epochs: Annotated[float, typer.Option("--epochs")] = 2.0,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
-    learning_rate: Annotated[float, typer.Option("--learning-rate")] = 3e-3,
+    epochs: Annotated[float, typer.Option("--epochs")] = PRETRAIN.epochs,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = PRETRAIN.batch_size,
+    learning_rate: Annotated[float, typer.Option("--learning-rate")] = PRETRAIN.learning_rate,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     base_model: Annotated[
         Path | None,
@@ -223,19 +187,11 @@ def pretrain(
         )
         parts.append(Windows.from_batches(extra.batches(), extra.popularity, extra.report).keyed(f"file-{k}"))
     names = [source.data.name, *(path.name for path, _ in more)]
-    from fedanom.common.detector.artifact import save_backbone  # the model stack, once the data is good
-    from fedanom.server.pretrain import pretrain_backbone
-
     err.print(
         f"pretraining a {architecture} backbone on {sum(p.n_windows for p in parts):,} sessions from "
         f"{', '.join(names)}"
     )
-    settings = TrainSettings(
-        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, dp=False, seed=seed
-    )
-    model, metrics = pretrain_backbone(parts, config, settings, start_from=base_model, device=device)
-    digest = save_backbone(model, out, {"data": names, "config": asdict(config), **metrics})
-    typer.echo(
-        f"backbone written to {out} (hash {digest[:12]}): held-out surprise "
-        f"{metrics['held_out_nll_per_event']:.3f} nats/event after {metrics['steps']} steps"
-    )
+    from fedanom.server.pretrain import pretrain_and_save  # the model stack, once the data is good
+
+    settings = replace(PRETRAIN, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+    typer.echo(pretrain_and_save(parts, names, config, settings, out, start_from=base_model, device=device))

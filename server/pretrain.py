@@ -7,13 +7,13 @@ a plain `save_pretrained` directory with a content hash that detectors record an
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 from transformers import PreTrainedModel
 
-from fedanom.common.detector.artifact import load_backbone
+from fedanom.common.detector.artifact import load_backbone, save_backbone
 from fedanom.common.detector.model import build_backbone, pick_device
 from fedanom.common.detector.scoring import event_surprise
 from fedanom.common.detector.training import train_model
@@ -55,3 +55,23 @@ def pretrain_backbone(
         "seconds": report.seconds,
     }
     return model, metrics
+
+
+def pretrain_and_save(
+    parts: list[Windows],
+    names: list[str],
+    config: BackboneConfig,
+    settings: TrainSettings,
+    out: Path,
+    *,
+    start_from: Path | None,
+    device: str | None,
+) -> str:
+    """`fedanom pretrain` once its exports are read: the backbone trained and written with its hash, and
+    a line saying what it learned."""
+    model, metrics = pretrain_backbone(parts, config, settings, start_from=start_from, device=device)
+    digest = save_backbone(model, out, {"data": names, "config": asdict(config), **metrics})
+    return (
+        f"backbone written to {out} (hash {digest[:12]}): held-out surprise "
+        f"{metrics['held_out_nll_per_event']:.3f} nats/event after {metrics['steps']} steps"
+    )

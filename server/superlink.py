@@ -8,6 +8,7 @@ FLWR_HOME=<run-dir>/flwr-home), waits for it and stops the SuperLink with everyt
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Callable
@@ -17,9 +18,19 @@ from typing import IO
 
 import tomli_w
 
+from fedanom.common.backbone import backbone_hash
 from fedanom.common.errors import FedanomError
-from fedanom.common.flower import flower_environment, own_flower_processes, stop_descendants, wait_for_port
-from fedanom.common.settings import RUN_DEFAULTS
+from fedanom.common.flower import (
+    check_transport,
+    flower_environment,
+    own_flower_processes,
+    split_address,
+    stop_descendants,
+    wait_for_port,
+)
+from fedanom.common.policy import PrivacyPolicy
+from fedanom.common.settings import RUN_DEFAULTS, RunSettings
+from fedanom.server.checkpoints import RoundProgress
 
 CONNECTION = "fedanom"
 RunConfig = dict[str, bool | float | int | str]
@@ -126,3 +137,41 @@ def run_on_superlink(
             return run.returncode
         finally:
             stop_descendants()  # the SuperLink, and what it started
+
+
+def run_server(
+    settings: RunSettings,
+    *,
+    address: str,
+    certificates: Path | None,
+    insecure: bool,
+    node_keys: list[Path],
+    echo: Callable[[str], None],
+) -> str:
+    """`fedanom server`: the operator's settings checked before anything starts, the run on a fresh
+    SuperLink with its progress on the console, and a one-line summary of what it did."""
+    backbone_hash(Path(settings.base))  # a clear error now rather than in every merchant later
+    PrivacyPolicy.from_config(settings.to_config())  # a policy that is not one, said now, not in round 1
+    host, port = split_address(address)
+    plain = check_transport(host, insecure=insecure, has_certificates=certificates is not None)
+    for key in node_keys:
+        if not key.is_file():
+            raise FedanomError(f"--node-key {key} does not exist")
+    if node_keys and plain:
+        raise FedanomError(
+            "--node-key needs TLS: give --certificates (Flower authenticates nodes over TLS only)"
+        )
+    run_dir = Path(settings.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    listener = Listener(host, port, None if plain else (certificates or Path()).resolve())
+    progress = RoundProgress(run_dir, settings.num_server_rounds, echo, resumed=settings.resume)
+    finished = run_on_superlink(listener, run_dir, settings.to_config(), node_keys, progress)
+    rounds_log = run_dir / "rounds.jsonl"
+    if finished != 0 or not (run_dir / "global" / "adapter").exists():
+        raise FedanomError(f"the federated run did not finish; see {run_dir / 'superlink.log'}")
+    done = [json.loads(line) for line in rounds_log.read_text().splitlines()] if rounds_log.exists() else []
+    rejected = sum(len(r["rejected"]) for r in done)
+    return (
+        f"federation finished: {len(done)} rounds, {rejected} updates rejected; "
+        f"global adapter in {run_dir / 'global' / 'adapter'}, checkpoints in {run_dir}"
+    )

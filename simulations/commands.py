@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +21,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from fedanom.common.errors import FedanomError
 from fedanom.common.ingest import ingest
 from fedanom.common.presets import resolve_preset
-from fedanom.common.settings import EPSILON, RUN_DEFAULTS, BackboneConfig, TrainSettings
+from fedanom.common.settings import EPSILON, PRETRAIN, BackboneConfig, RunSettings
 from fedanom.common.windows import Windows
 from fedanom.options import err, file_and_preset
 from fedanom.simulations.calibration import behaviour_stats
@@ -40,7 +41,7 @@ DEFAULT = BackboneConfig()
 def simulate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Report directory.")] = Path("simulation-out"),
     merchants: Annotated[int, typer.Option("--merchants", help="Synthetic or partitioned merchants.")] = 3,
-    rounds: Annotated[int, typer.Option("--rounds")] = int(RUN_DEFAULTS["num-server-rounds"]),
+    rounds: Annotated[int, typer.Option("--rounds")] = RunSettings.num_server_rounds,
     epsilon: Annotated[float, typer.Option("--epsilon", help="Each merchant's privacy budget.")] = EPSILON,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     scale: Annotated[
@@ -196,8 +197,6 @@ def _pretrain(work: Path, config: BackboneConfig, seed: int) -> Path:
     public = generate_shop(PUBLIC_SHOP, seed=seed + 10_000)
     ingested = ingest(write_taobao_csv(public, work / "public.csv"), resolve_preset("taobao"))
     windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
-    model, _ = pretrain_backbone(
-        windows, config, TrainSettings(dp=False, epochs=2, learning_rate=3e-3, seed=seed)
-    )
+    model, _ = pretrain_backbone(windows, config, replace(PRETRAIN, seed=seed))
     save_backbone(model, work / "base", {"simulation": "synthetic public shop", "seed": seed})
     return work / "base"

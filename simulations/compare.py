@@ -26,7 +26,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from fedanom.common.detector.privacy import PrivacyLedger
 from fedanom.common.flower import flower_logs_to
 from fedanom.common.ingest import ingest
 from fedanom.common.presets import resolve_preset
-from fedanom.common.settings import RUN_DEFAULTS, LoraSettings, TrainSettings
+from fedanom.common.settings import LoraSettings, RunSettings, TrainSettings
 from fedanom.common.tokens import Popularity
 from fedanom.common.windows import Windows
 from fedanom.server.app import build_app
@@ -174,7 +174,7 @@ def federated(
         "dp": dp,
         "lora-seed": seed,
         "supervised-head": head,
-        "round-timeout": 3600.0,
+        "round-timeout": 3600.0,  # two cores train every merchant in turn: a round outlasts a deployed one
         **(overrides or {}),
     }
     with contextlib.nullcontext() if verbose else flower_logs_to(run_dir / "flower.log"):
@@ -201,14 +201,7 @@ def federated(
 
 def _settings(rounds: int, dp: bool, seed: int) -> TrainSettings:
     """What a federation's merchant does in `rounds` rounds, in one go."""
-    return TrainSettings(
-        epochs=rounds * float(RUN_DEFAULTS["local-epochs"]),
-        batch_size=int(RUN_DEFAULTS["batch-size"]),
-        learning_rate=float(RUN_DEFAULTS["learning-rate"]),
-        max_grad_norm=float(RUN_DEFAULTS["max-grad-norm"]),
-        dp=dp,
-        seed=seed,
-    )
+    return replace(RunSettings().local_settings(rounds), dp=dp, seed=seed)
 
 
 def local(

@@ -48,8 +48,9 @@ from fedanom.common.records import (
     to_numpy,
     to_record,
 )
-from fedanom.common.settings import EPSILON, RUN_DEFAULTS
+from fedanom.common.settings import AGGREGATIONS, EPSILON, RUN_DEFAULTS, RunSettings
 from fedanom.common.windows import Windows
+from fedanom.server.aggregation import AGGREGATORS
 from fedanom.server.app import build_app
 from fedanom.simulations.attacks import inject
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
@@ -222,6 +223,28 @@ def test_a_true_false_setting_written_as_text_is_refused_not_read_as_false() -> 
         flag({"dp": "false"}, "dp")
     assert flag({}, "dp") is True and flag({}, "supervised-head") is False
     assert lora_settings({**RUN_DEFAULTS, "supervised-head": True}).supervised_head
+
+
+def test_the_run_config_is_read_typed_and_a_wrong_type_is_refused() -> None:
+    settings = RunSettings.from_config({"num-server-rounds": 5, "round-timeout": 30, "resume": True})
+    assert (settings.num_server_rounds, settings.round_timeout, settings.resume) == (5, 30.0, True)
+    assert settings.to_config() == {
+        **RUN_DEFAULTS,
+        "num-server-rounds": 5,
+        "round-timeout": 30.0,
+        "resume": True,
+    }
+    for key, value, wanted in [
+        ("resume", "false", "true or false"),
+        ("num-server-rounds", 2.5, "a whole number"),
+        ("round-timeout", "60", "a number"),
+        ("base", 3, "text"),
+    ]:
+        with pytest.raises(FedanomError, match=f"'{key}' must be {wanted}"):
+            RunSettings.from_config({key: value})
+    with pytest.raises(FedanomError, match="aggregation must be one of"):
+        RunSettings.from_config({"aggregation": "mean"})
+    assert set(AGGREGATORS) == set(AGGREGATIONS)  # the names the options offer are the ones the server has
 
 
 CORRUPT = "FEDANOM_TEST_CORRUPT"  # partition-id=kind,... : which merchants send which broken update
