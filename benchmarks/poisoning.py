@@ -37,9 +37,9 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedanom.common.records import to_numpy, to_record
 from fedanom.common.settings import BackboneConfig
-from fedanom.simulations.commands import _pretrain
 from fedanom.simulations.compare import Comparison, Sessions, federated, load_sessions, metrics
 from fedanom.simulations.scenario import MerchantData, partition, prepare, real_shops
+from fedanom.simulations.study import pretrain_public_backbone
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 REES46 = DATA / "rees46-multicategory" / "2019-Oct_sample_ibrhmspl.csv.gz"
@@ -74,7 +74,7 @@ def merchants_of(setting: str, seed: int, out: Path) -> tuple[list[MerchantData]
     prepared = prepare(
         [(f"{name}#{k + 1}", p) for k, p in enumerate(parts)], work / "merchants", seed, unlabelled=1
     )
-    base = _pretrain(work, BackboneConfig(), seed)
+    base = pretrain_public_backbone(work, BackboneConfig(), seed)
     return prepared, [load_sessions(m, work) for m in prepared], base
 
 

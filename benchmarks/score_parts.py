@@ -28,9 +28,9 @@ from fedanom.common.detector.scoring import aggregate
 from fedanom.common.settings import BackboneConfig, LoraSettings, TrainSettings
 from fedanom.common.windows import Windows
 from fedanom.simulations.baselines import BASELINES
-from fedanom.simulations.commands import _pretrain
 from fedanom.simulations.compare import load_sessions
 from fedanom.simulations.scenario import prepare, real_shops
+from fedanom.simulations.study import pretrain_public_backbone
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 SHOPS = {
@@ -50,7 +50,7 @@ def parts(shop: str, seed: int, work: Path, args: argparse.Namespace) -> None:
         real_shops([(DATA / path, preset)]), work / "merchants", seed, unlabelled=unlabelled
     )
     s = load_sessions(merchant, work)
-    base = _pretrain(work, BackboneConfig(), seed)
+    base = pretrain_public_backbone(work, BackboneConfig(), seed)
     lora = LoraSettings(seed=seed, supervised_head=args.labelled and not args.untrained)
     detector = BehaviourDetector.from_backbone(base, s.popularity, lora=lora)
     if args.untrained:

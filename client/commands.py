@@ -12,11 +12,9 @@ from typing import Annotated
 
 import typer
 
-from fedanom.client.supernode import SuperNode
-from fedanom.common.backbone import backbone_hash
+from fedanom.client.supernode import join_federation
 from fedanom.common.errors import FedanomError
-from fedanom.common.flower import check_transport, split_address
-from fedanom.common.labels import load_label_table, read_labels
+from fedanom.common.labels import read_labels
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.settings import ALERT_RATE, EPSILON, LoraSettings, TrainSettings
 from fedanom.common.windows import Windows
@@ -27,6 +25,7 @@ from fedanom.options import (
     ScoringAlertRateOption,
     SessionGapOption,
     StateDirOption,
+    VerboseOption,
     WindowOption,
     data_options,
     err,
@@ -80,50 +79,37 @@ def train(
     ingested = source.read(default_quarantine=out.with_name(out.name + ".quarantine.csv"), config=session)
     windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
     known = read_labels(labels, windows) if labels else None
-    # the model stack, once the inputs are good
-    from fedanom.common.detector.detector import BehaviourDetector
-    from fedanom.common.detector.privacy import PrivacyLedger
+    from fedanom.client.local import train_detector  # the model stack, once the inputs are good
 
-    detector = BehaviourDetector.from_backbone(
-        base,
-        ingested.popularity,
+    summary = train_detector(
+        ingested,
+        windows,
+        known,
+        name=source.data.name,
+        base=base,
+        out=out,
         lora=LoraSettings(
             rank=rank,
             alpha=alpha,
             targets=tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip()),
             ffa=not full_lora,
-            supervised_head=known is not None,
+        ),
+        train=TrainSettings(
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            max_grad_norm=max_grad_norm,
+            dp=not no_dp,
         ),
         session=session,
+        epsilon=epsilon,
+        delta=delta,
+        state_dir=state_dir,
+        alert_rate=alert_rate,
         device=device,
+        say=err.print,
     )
-    settings = TrainSettings(
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        max_grad_norm=max_grad_norm,
-        dp=not no_dp,
-    )
-    ledger = None
-    if not no_dp:
-        ledger = PrivacyLedger.open(state_dir, epsilon_budget=epsilon, delta=delta or 1.0 / windows.n_windows)
-    err.print(
-        f"training on {windows.n_windows:,} sessions "
-        f"({ingested.report.rows_kept:,} events) of {source.data.name}"
-    )
-    report = detector.fit(windows, known, train=settings, ledger=ledger, alert_rate=alert_rate).report
-    assert report is not None  # fit leaves its training run's report
-    detector.provenance["data"] = source.data.name
-    detector.save(out)
-    privacy = "no differential privacy"
-    if report.epsilon_spent is not None:
-        privacy = f"ε={report.epsilon_spent:.2f} of {epsilon:g} spent (δ={report.delta:.2g})"
-    typer.echo(
-        f"detector written to {out}: {report.steps} steps, loss {report.mean_loss:.3f}, {privacy}; "
-        f"score sums {' + '.join(detector.kinds())} ({detector.aggregation} event surprise), "
-        f"threshold {detector.threshold():.3f} "
-        f"at {alert_rate:.1%} alerts"
-    )
+    typer.echo(summary)
 
 
 @data_options()
@@ -144,7 +130,7 @@ def score(
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise FedanomError(f"--out {out} must end in .csv or .parquet")
     from fedanom.common.detector.detector import BehaviourDetector  # the model stack, once --out is good
-    from fedanom.common.detector.scores import score_ingested
+    from fedanom.common.detector.scores import score_ingested, write_scores
 
     detector = BehaviourDetector.load(model, device)
     threshold = detector.threshold(alert_rate)
@@ -161,10 +147,7 @@ def score(
             with_explanations=explain_events,
             on_batch=bar.advance,
         )
-    if out.suffix.lower() == ".parquet":
-        sessions.to_parquet(out, index=False)
-    else:
-        sessions.to_csv(out, index=False)
+    write_scores(sessions, out)
     typer.echo(
         f"scored {len(sessions):,} sessions ({ingested.report.rows_kept:,} events) into {out}: "
         f"{int(sessions.flag.sum()):,} flagged at threshold {threshold:.3f}"
@@ -210,6 +193,7 @@ def client(
             "--auth-key", help="This SuperNode's private key, when the operator authenticates nodes."
         ),
     ] = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Join a federation as a merchant: a Flower SuperNode training on this data with DP (Ctrl-C leaves)."""
     if (
@@ -223,21 +207,6 @@ def client(
             "a federation client reads its data with --preset only; convert the file or use a preset"
         )
     prepared = source.prepare(state_dir)  # fails early, in one sentence; the first round finds it ready
-    from fedanom.common.detector.privacy import PrivacyLedger
-
-    if base is not None:
-        backbone_hash(base)
-    if labels is not None:
-        load_label_table(labels)
-    if auth_key is not None and not auth_key.is_file():
-        raise FedanomError(f"--auth-key {auth_key} does not exist")
-    host, _ = split_address(server)
-    plain = check_transport(host, insecure=insecure, has_certificates=root_certificates is not None)
-    node = SuperNode(server, port, None if plain else root_certificates, auth_key, threads)
-    err.print(
-        f"joining the federation at {server} with {prepared.events:,} events of {source.data.name};"
-        f" privacy budget ε={epsilon:g}, spent so far {PrivacyLedger.spent_in(state_dir):.2f}"
-    )
     node_config: dict[str, str | float] = {
         "data": str(source.data.resolve()),
         "preset": source.preset or "",
@@ -246,4 +215,16 @@ def client(
         "base": str(base.resolve()) if base else "",
         "labels": str(labels.resolve()) if labels else "",
     }
-    node.run(node_config, state_dir, give_up_after)
+    join_federation(
+        node_config,
+        events=prepared.events,
+        server=server,
+        port=port,
+        root_certificates=root_certificates,
+        insecure=insecure,
+        auth_key=auth_key,
+        threads=threads,
+        give_up_after=give_up_after,
+        say=err.print,
+        verbose=verbose,
+    )

@@ -13,15 +13,24 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 import tomli_w
 
+from fedanom.common.backbone import backbone_hash
 from fedanom.common.errors import FedanomError
-from fedanom.common.flower import flower_environment, own_flower_processes, run_to_end
+from fedanom.common.flower import (
+    check_transport,
+    flower_environment,
+    flower_output,
+    own_flower_processes,
+    run_to_end,
+    split_address,
+)
+from fedanom.common.labels import load_label_table
 
 RETRY_SECONDS = 5.0  # between attempts to (re)join, when the SuperNode itself gives up
 WORKER_START_TIMEOUT_S = 120.0  # for the warm worker to import the model stack and listen
@@ -49,8 +58,11 @@ class SuperNode:
             command += ["--auth-supernode-private-key", str(self.auth_key)]
         return command
 
-    def run(self, node_config: dict[str, str | float], state_dir: Path, give_up_after: float) -> None:
-        """Run until the federation ends or the merchant presses Ctrl-C; retry while it cannot join."""
+    def run(
+        self, node_config: dict[str, str | float], state_dir: Path, give_up_after: float, *, verbose: bool
+    ) -> None:
+        """Run until the federation ends or the merchant presses Ctrl-C; retry while it cannot join.
+        Flower's log goes to <state-dir>/supernode.log, or with `verbose` to the console."""
         # Flower reads a node config from a TOML file whole: no quoting of the merchant's paths
         config_file = state_dir / "node-config.toml"
         config_file.parent.mkdir(parents=True, exist_ok=True)
@@ -61,9 +73,13 @@ class SuperNode:
         environment = flower_environment(**threads)
         own_flower_processes()
         log_path = state_dir / "supernode.log"
-        print(f"Flower's log: {log_path}", file=sys.stderr, flush=True)
+        if not verbose:
+            print(f"Flower's log: {log_path}", file=sys.stderr, flush=True)
         deadline = time.monotonic() + give_up_after
-        with open(log_path, "a") as log, warm_worker(state_dir, environment, log) as warm:
+        with (
+            flower_output(log_path, verbose=verbose) as log,
+            warm_worker(state_dir, environment, log) as warm,
+        ):
             while True:
                 code = run_to_end(
                     self.command(config_file),
@@ -83,6 +99,41 @@ class SuperNode:
                     flush=True,
                 )
                 time.sleep(RETRY_SECONDS)
+
+
+def join_federation(
+    node_config: dict[str, str | float],
+    *,
+    events: int,
+    server: str,
+    port: int,
+    root_certificates: Path | None,
+    insecure: bool,
+    auth_key: Path | None,
+    threads: int,
+    give_up_after: float,
+    say: Callable[[str], None],
+    verbose: bool = False,
+) -> None:
+    """`fedanom client` once the merchant's data is prepared: every file it names checked before it
+    joins (a mistake is one sentence now, not a failed round later), then the SuperNode run."""
+    state_dir = Path(str(node_config["state-dir"]))
+    if node_config["base"]:
+        backbone_hash(Path(str(node_config["base"])))
+    if node_config["labels"]:
+        load_label_table(Path(str(node_config["labels"])))
+    if auth_key is not None and not auth_key.is_file():
+        raise FedanomError(f"--auth-key {auth_key} does not exist")
+    host, _ = split_address(server)
+    plain = check_transport(host, insecure=insecure, has_certificates=root_certificates is not None)
+    node = SuperNode(server, port, None if plain else root_certificates, auth_key, threads)
+    from fedanom.common.detector.privacy import PrivacyLedger  # the model stack, once the files are good
+
+    say(
+        f"joining the federation at {server} with {events:,} events of {Path(str(node_config['data'])).name};"
+        f" privacy budget ε={node_config['epsilon']:g}, spent so far {PrivacyLedger.spent_in(state_dir):.2f}"
+    )
+    node.run(node_config, state_dir, give_up_after, verbose=verbose)
 
 
 @contextlib.contextmanager

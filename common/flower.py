@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import psutil
 
@@ -156,3 +156,14 @@ def flower_logs_to(path: Path) -> Iterator[None]:
     finally:
         flower.handlers, flower.propagate = saved
         to_file.close()
+
+
+@contextlib.contextmanager
+def flower_output(path: Path, *, verbose: bool) -> Iterator[TextIO]:
+    """Where Flower's processes (SuperLink, SuperNode, their apps) write: `path`, appended to, or with
+    --verbose the console."""
+    if verbose:
+        yield sys.stderr
+        return
+    with open(path, "a") as log:
+        yield log

@@ -180,7 +180,7 @@ def run() -> None:
         if exc.format_message():  # empty when a bare command printed its help instead
             where = exc.ctx.command_path if exc.ctx is not None else "fedanom"
             err.print(
-                f"[bold red]error:[/bold red] {exc.format_message()} (see {where} --help)",
+                f"[bold red]error:[/bold red] {_one_sentence(exc)} (see {where} --help)",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -195,3 +195,11 @@ def run() -> None:
         err.print("interrupted")
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_sentence(exc: click.UsageError) -> str:
+    """click's message, its "Did you mean" hint folded into the one sentence."""
+    if isinstance(exc, click.NoSuchOption):
+        hint = f" (did you mean {', '.join(sorted(exc.possibilities))}?)" if exc.possibilities else ""
+        return f"no such option {exc.option_name}{hint}"
+    return exc.format_message()

@@ -132,6 +132,10 @@ _SOURCE_FIELDS = [f.name for f in fields(DataSource)]
 # Options several commands share, declared once so their flags and help cannot drift apart.
 DeviceOption = Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda if present).")]
 EpsilonOption = Annotated[float, typer.Option("--epsilon", help="This merchant's total privacy budget ε.")]
+VerboseOption = Annotated[
+    bool,
+    typer.Option("--verbose", help="Flower's (and Ray's) logs on the console instead of their log file."),
+]
 SessionGapOption = Annotated[
     float, typer.Option("--session-gap", help="Minutes of inactivity ending a session.")
 ]

@@ -11,11 +11,12 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedanom.server.aggregation import Arrays
+if TYPE_CHECKING:  # the console's progress reads this module: it must not wait for Flower to load
+    from fedanom.server.aggregation import Arrays
 
 
 def write_round(run_dir: Path, completed_round: int, record: dict[str, Any], arrays: Arrays) -> None:

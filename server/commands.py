@@ -19,7 +19,7 @@ from fedanom.common.presets import resolve_preset
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.settings import AGGREGATIONS, ARCHITECTURE_NAMES, PRETRAIN, BackboneConfig, RunSettings
 from fedanom.common.windows import Windows
-from fedanom.options import DataSource, DeviceOption, data_options, err, file_and_preset
+from fedanom.options import DataSource, DeviceOption, VerboseOption, data_options, err, file_and_preset
 from fedanom.server.superlink import run_server
 
 
@@ -97,6 +97,7 @@ def server(
     max_delta: Annotated[
         float, typer.Option("--max-delta", help="Largest δ a merchant may use (0: any).")
     ] = RunSettings.max_delta,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run a federation: a Flower SuperLink, rounds of merchants' DP adapters, a global detector."""
     settings = RunSettings(
@@ -130,6 +131,7 @@ def server(
         insecure=insecure,
         node_keys=keys,
         echo=typer.echo,
+        verbose=verbose,
     )
     typer.echo(summary)
 

@@ -23,6 +23,7 @@ from fedanom.common.errors import FedanomError
 from fedanom.common.flower import (
     check_transport,
     flower_environment,
+    flower_output,
     own_flower_processes,
     split_address,
     stop_descendants,
@@ -102,10 +103,17 @@ def register_node(public_key: Path, env: dict[str, str], log: IO[str]) -> None:
 
 
 def run_on_superlink(
-    listener: Listener, run_dir: Path, values: RunConfig, node_keys: list[Path], watch: Callable[[], None]
+    listener: Listener,
+    run_dir: Path,
+    values: RunConfig,
+    node_keys: list[Path],
+    watch: Callable[[], None],
+    *,
+    verbose: bool = False,
 ) -> int:
-    """The whole run on a fresh SuperLink; its log goes to <run-dir>/superlink.log. `flwr run`'s exit code.
-    `watch` is called every second while the run lasts (the console's round progress), and once after."""
+    """The whole run on a fresh SuperLink; its log goes to <run-dir>/superlink.log (with `verbose`, to
+    the console). `flwr run`'s exit code. `watch` is called every second while the run lasts (the
+    console's round progress), and once after."""
     (run_dir / "app").mkdir(parents=True, exist_ok=True)
     (run_dir / "app" / "pyproject.toml").write_text(app_pyproject())
     home = run_dir / "flwr-home"
@@ -116,7 +124,7 @@ def run_on_superlink(
     run_config.write_text(tomli_w.dumps(values))
     env = flower_environment(FLWR_HOME=str(home))
     own_flower_processes()
-    with open(run_dir / "superlink.log", "a") as log:
+    with flower_output(run_dir / "superlink.log", verbose=verbose) as log:
         try:
             link = listener.command(run_dir, authenticate_nodes=bool(node_keys))
             subprocess.Popen(link, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -147,6 +155,7 @@ def run_server(
     insecure: bool,
     node_keys: list[Path],
     echo: Callable[[str], None],
+    verbose: bool = False,
 ) -> str:
     """`fedanom server`: the operator's settings checked before anything starts, the run on a fresh
     SuperLink with its progress on the console, and a one-line summary of what it did."""
@@ -165,7 +174,7 @@ def run_server(
     run_dir.mkdir(parents=True, exist_ok=True)
     listener = Listener(host, port, None if plain else (certificates or Path()).resolve())
     progress = RoundProgress(run_dir, settings.num_server_rounds, echo, resumed=settings.resume)
-    finished = run_on_superlink(listener, run_dir, settings.to_config(), node_keys, progress)
+    finished = run_on_superlink(listener, run_dir, settings.to_config(), node_keys, progress, verbose=verbose)
     rounds_log = run_dir / "rounds.jsonl"
     if finished != 0 or not (run_dir / "global" / "adapter").exists():
         raise FedanomError(f"the federated run did not finish; see {run_dir / 'superlink.log'}")
@@ -174,4 +183,5 @@ def run_server(
     return (
         f"federation finished: {len(done)} rounds, {rejected} updates rejected; "
         f"global adapter in {run_dir / 'global' / 'adapter'}, checkpoints in {run_dir}"
+        + ("" if verbose else f"; Flower's log: {run_dir / 'superlink.log'}")
     )

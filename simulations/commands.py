@@ -10,30 +10,18 @@ options are checked, so a mistake is answered in about a second.
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from fedanom.common.errors import FedanomError
-from fedanom.common.ingest import ingest
-from fedanom.common.presets import resolve_preset
-from fedanom.common.settings import EPSILON, PRETRAIN, BackboneConfig, RunSettings
-from fedanom.common.windows import Windows
-from fedanom.options import err, file_and_preset
-from fedanom.simulations.calibration import behaviour_stats
+from fedanom.common.settings import EPSILON, BackboneConfig, RunSettings
+from fedanom.options import VerboseOption, err, file_and_preset
 from fedanom.simulations.scenario import (
     TEST_SHARE,
-    partition,
-    prepare,
-    real_shops,
     shop_sizes,
-    synthetic_shops,
 )
-from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
 
 DEFAULT = BackboneConfig()
 
@@ -84,9 +72,7 @@ def simulate(
         ),
     ] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", help="Flower's and Ray's logs on the console, not in flower.log.")
-    ] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Simulate a federation and compare it with local, centralized and feature baselines."""
     if not 0.05 <= test_share <= 0.95:
@@ -100,67 +86,34 @@ def simulate(
     count = len(shop_events) if not sources else merchants if partition_spec else len(sources)
     if not 0 <= unlabelled <= count:
         raise FedanomError(f"--unlabelled {unlabelled}: choose between 0 and the {count} merchants")
-    from fedanom.simulations.compare import load_sessions, metrics, run_all
-    from fedanom.simulations.report import write_report
-
-    started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    work = out / "work"
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as bar:
-        task = bar.add_task("preparing merchants", total=None)
-        if not sources:
-            shops = synthetic_shops(shop_events, seed)
-        elif partition_spec:
-            ((name, frame),) = real_shops(sources)
-            shops = [
-                (f"{name}#{k + 1}", part)
-                for k, part in enumerate(partition(frame, merchants, partition_spec, seed))
-            ]
-        else:
-            shops = real_shops(sources)
-        calibration = {name: behaviour_stats(frame) for name, frame in shops}
-        prepared = prepare(shops, work / "merchants", seed, test_share, unlabelled)
-        head = head and any(m.labelled for m in prepared)  # nobody's labels: a head would learn nothing
-        bar.update(task, description="pretraining the backbone")
-        base = base or _pretrain(work, BackboneConfig(d_model=d_model, n_layers=layers), seed)
-        bar.update(task, description="reading sessions")
-        sessions = [load_sessions(m, work) for m in prepared]
-        comparison = run_all(
-            prepared,
-            sessions,
-            base,
-            work,
-            rounds=rounds,
-            epsilon=epsilon,
-            seed=seed,
-            head=head,
-            on_method=lambda method: bar.update(task, description=f"method: {method}"),
-            verbose=verbose,
-        )
-    scenario = {
-        "rounds": rounds,
-        "test_share": test_share,
-        "supervised_head": head,
-        "epsilon": epsilon,
-        "seed": seed,
-        "backbone": str(base),
-        "merchants": [
-            {"name": m.name, "events": m.events, "bots": len(m.bots), "labelled": m.labelled}
-            for m in prepared
-        ],
-        "calibration": calibration,
-        "seconds": time.perf_counter() - started,
-    }
-    results = write_report(
-        out, scenario, [m.name for m in prepared], sessions, comparison, metrics(sessions, comparison)
+    from fedanom.simulations.study import (  # the model stack and Flower, once options are good
+        Study,
+        run_study,
     )
+
+    study = Study(
+        shop_events=shop_events,
+        sources=sources,
+        merchants=merchants,
+        partition=partition_spec,
+        rounds=rounds,
+        epsilon=epsilon,
+        seed=seed,
+        test_share=test_share,
+        unlabelled=unlabelled,
+        head=head,
+        backbone=BackboneConfig(d_model=d_model, n_layers=layers),
+        base=base,
+        verbose=verbose,
+    )
+    results = run_study(study, out, err)
     if json_out:
         typer.echo(json.dumps(results, indent=2))
     best = max(results["methods"], key=lambda m: results["methods"][m]["mean"]["auprc"])
     err.print(
-        f"simulation done in {scenario['seconds']:.0f} s: {out / 'report.md'}; mean AUPRC "
+        f"simulation done in {results['scenario']['seconds']:.0f} s: {out / 'report.md'}; mean AUPRC "
         + ", ".join(f"{m} {v['mean']['auprc']:.3f}" for m, v in results["methods"].items())
-        + f" (best: {best}); Flower's logs: {work}/federated*/flower.log"
+        + f" (best: {best}); Flower's logs: {out / 'work'}/federated*/flower.log"
     )
 
 
@@ -172,31 +125,3 @@ def _parse_sizes(spec: str) -> list[int]:
     if any(size < 200 for size in sizes):
         raise FedanomError(f"--sizes {spec}: a merchant needs at least 200 events")
     return sizes
-
-
-# The operator's public data is not the merchants' traffic: another shop, with shorter, slower sessions
-# and a thinner funnel. What the merchants' adapters must learn is that difference (with the same
-# generator settings for both, the backbone already knows everything and no method can add anything).
-PUBLIC_SHOP = ShopConfig(
-    n_events=30_000,
-    n_users=3_000,
-    n_items=8_000,
-    mean_session_events=2.5,
-    median_gap_s=90.0,
-    p_fav=0.01,
-    p_cart=0.03,
-    zipf_a=1.3,
-    p_login=0.05,
-)
-
-
-def _pretrain(work: Path, config: BackboneConfig, seed: int) -> Path:
-    from fedanom.common.detector.artifact import save_backbone
-    from fedanom.server.pretrain import pretrain_backbone
-
-    public = generate_shop(PUBLIC_SHOP, seed=seed + 10_000)
-    ingested = ingest(write_taobao_csv(public, work / "public.csv"), resolve_preset("taobao"))
-    windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
-    model, _ = pretrain_backbone(windows, config, replace(PRETRAIN, seed=seed))
-    save_backbone(model, work / "base", {"simulation": "synthetic public shop", "seed": seed})
-    return work / "base"

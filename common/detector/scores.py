@@ -93,3 +93,14 @@ def score_events(
             popularity=detector.popularity,
         )
         return score_ingested(detector, ingested, alert_rate=alert_rate, with_explanations=with_explanations)
+
+
+SCORE_FILES = (".csv", ".parquet")  # what `fedanom score --out` writes, by its suffix
+
+
+def write_scores(sessions: pd.DataFrame, out: Path) -> None:
+    """The scored sessions as CSV or Parquet, by the file's suffix (checked before the scoring starts)."""
+    if out.suffix.lower() == ".parquet":
+        sessions.to_parquet(out, index=False)
+    else:
+        sessions.to_csv(out, index=False)
