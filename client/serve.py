@@ -2,6 +2,7 @@
 
     POST /events               one event (JSON object), a batch (JSON array) or a stream (NDJSON)
     POST /sessions/{id}/end    the session's final score; its memory is freed
+    GET  /sessions/{id}        a recently ended session's final (also one ended idle), or an open one's size
     POST /admin/reload         load the detector again (also done on its own when the federation leaves
                                a new one in --state-dir)
     GET  /healthz              no key needed
@@ -23,13 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import anyio
 from prometheus_client import generate_latest
@@ -43,12 +43,14 @@ from fedanom.client.batcher import Batcher, RequestError
 from fedanom.client.serve_metrics import Metrics
 from fedanom.common.detector.artifact import MANIFEST
 from fedanom.common.detector.detector import BehaviourDetector
-from fedanom.common.detector.live import LiveSessions, LoadedDetector, Scored, alert_rate_of
+from fedanom.common.detector.live import LiveSessions, LoadedDetector, Scored
 from fedanom.common.errors import FedanomError
+from fedanom.common.live_events import BadBody, parse_body
 from fedanom.common.presets import Preset
 
 WATCH_SECONDS = 2.0  # how often the state directory is looked at for a new global detector
 EXPIRY_SECONDS = 5.0  # how often idle sessions are ended
+RECENT_FINALS = 10_000  # ended sessions whose final answer GET /sessions/{id} still gives
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +86,13 @@ class Service:
         self.metrics.model_info.labels(live.model.digest).set(1)
         self.watched = self._stamp()
         self.reloading = asyncio.Lock()
+        self.finals: OrderedDict[str, tuple[Scored, str]] = OrderedDict()  # the latest RECENT_FINALS
 
     def app(self) -> Starlette:
         routes = [
             Route("/events", self._guarded(self.events), methods=["POST"]),
             Route("/sessions/{session_id:path}/end", self._guarded(self.end), methods=["POST"]),
+            Route("/sessions/{session_id:path}", self._guarded(self.session), methods=["GET"]),
             Route("/admin/reload", self._guarded(self.reload), methods=["POST"]),
             Route("/metrics", self._guarded(self.metrics_page), methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
@@ -98,7 +102,7 @@ class Service:
     # -------------------------------------------------------------------------------------------- routes
     async def events(self, request: Request) -> Response:
         started = time.perf_counter()
-        records = _parse(await self._body(request), request.headers.get("content-type", ""))
+        records = parse_body(await self._body(request), request.headers.get("content-type", ""))
         answers, rejected, ended = await self.batcher.add(records)
         finals = [final for _, final in ended]
         self._count_ended(finals, "gap")
@@ -122,6 +126,19 @@ class Service:
             raise RequestError(404, f"no open session '{session_id}'")
         self._count_ended([final], "end")
         return JSONResponse(final.as_json())
+
+    async def session(self, request: Request) -> Response:
+        """A recently ended session's final answer (however it ended: by hand, by its gap, idle), or
+        how many events an open one holds: an idle session's final reaches the client this way."""
+        session_id = request.path_params["session_id"]
+        if session_id in self.finals:
+            final, how = self.finals[session_id]
+            return JSONResponse({**final.as_json(), "ended": how})
+        key = self.live.by_id.get(session_id)
+        if key is None:
+            raise RequestError(404, f"no open or recently ended session '{session_id}'")
+        events = self.live.sessions[key].events.num_rows
+        return JSONResponse({"session_id": session_id, "ended": None, "events": events})
 
     async def reload(self, request: Request) -> Response:
         try:
@@ -149,6 +166,8 @@ class Service:
                 return await route(request)
             except RequestError as exc:
                 return JSONResponse({"error": exc.reason}, status_code=exc.status)
+            except BadBody as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
             except FedanomError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=422)
 
@@ -167,6 +186,11 @@ class Service:
         return bytes(body)
 
     def _count_ended(self, finals: list[Scored], how: str) -> None:
+        for final in finals:
+            self.finals[final.session_id] = (final, how)
+            self.finals.move_to_end(final.session_id)
+        while len(self.finals) > RECENT_FINALS:
+            self.finals.popitem(last=False)
         self.metrics.ended.labels(how).inc(len(finals))
         self.metrics.ended_flagged.inc(sum(f.flagged for f in finals))
         for final in finals:
@@ -227,28 +251,6 @@ def _presented_key(request: Request) -> str:
     return request.headers.get("x-api-key", "")
 
 
-def _parse(body: bytes, content_type: str) -> list[Any]:
-    """The events of a body: NDJSON (one event per line) or JSON (one event, or an array of them)."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RequestError(400, f"the body is not UTF-8 (byte {exc.start})") from None
-    if "ndjson" in content_type or "jsonl" in content_type:
-        records: list[Any] = []
-        for line in text.split("\n"):  # not splitlines(): JSON strings may hold U+2028 and its kin
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:  # rejected in its place; the other lines are scored
-                    records.append(exc)
-        return records
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RequestError(400, f"the body is not JSON ({exc.msg} at line {exc.lineno})") from None
-    return parsed if isinstance(parsed, list) else [parsed]
-
-
 def run_service(
     model_dir: Path,
     preset: Preset,
@@ -270,7 +272,7 @@ def run_service(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fedanom serve: %(message)s")
     model = load(model_dir, device)
-    rate = alert_rate_of(model.detector, alert_rate)
+    rate = model.detector.alert_rate(alert_rate)
     if track and bounds is None:
         bounds = (rate / 4, min(rate * 4, 0.5))
     live = LiveSessions(

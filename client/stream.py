@@ -48,6 +48,10 @@ class EventStream:
         """The session's final score; the service forgets it."""
         return self._answer(self.http.post(f"/sessions/{quote(session_id, safe='')}/end"))
 
+    def session(self, session_id: str) -> dict[str, Any]:
+        """A recently ended session's final answer, with how it ended; or an open one's event count."""
+        return self._answer(self.http.get(f"/sessions/{quote(session_id, safe='')}"))
+
     def reload(self) -> str:
         """Ask the service to load its detector again; the hash of the one now in force."""
         return str(self._answer(self.http.post("/admin/reload"))["model"])

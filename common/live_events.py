@@ -3,11 +3,13 @@
 `fedanom serve` takes the merchant's own column names, so a request's events go through the same
 `EventReader` (preset, --map, timestamp format, checks) as a file's rows. A record that is no event at
 all (not an object, a nested value, an NDJSON line that did not parse) is rejected here in its place,
-so every rejection keeps the position the caller sent it at.
+so every rejection keeps the position the caller sent it at. A body that holds no events at all is
+refused whole (`BadBody`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,10 +17,37 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from fedanom.common.errors import FedanomError
 from fedanom.common.loader import EventReader
 from fedanom.common.presets import Preset
 
 REQUEST = Path("request")  # what a bad event's sentence names instead of a file
+
+
+class BadBody(FedanomError):
+    """A request body that holds no events at all: not UTF-8, or not JSON."""
+
+
+def parse_body(body: bytes, content_type: str) -> list[Any]:
+    """The events of a body: NDJSON (one event per line) or JSON (one event, or an array of them)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadBody(f"the body is not UTF-8 (byte {exc.start})") from None
+    if "ndjson" in content_type or "jsonl" in content_type:
+        records: list[Any] = []
+        for line in text.split("\n"):  # not splitlines(): JSON strings may hold U+2028 and its kin
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:  # rejected in its place; the other lines are scored
+                    records.append(exc)
+        return records
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadBody(f"the body is not JSON ({exc.msg} at line {exc.lineno})") from None
+    return parsed if isinstance(parsed, list) else [parsed]
 
 
 class RequestReader:

@@ -135,9 +135,12 @@ class Popularity:
 
 
 class ItemCounter:
-    """Counts events per item hash over a stream, in memory proportional to the catalogue, not the log."""
+    """Counts events per item hash over a stream, in memory proportional to the catalogue, not the log.
+    With `max_items`, only that many of the most counted items are kept at each compaction: a stream of
+    random item ids (a scraper's, an attacker's) cannot grow it without bound."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_items: int | None = None) -> None:
+        self.max_items = max_items
         self._items: list[np.ndarray] = []
         self._counts: list[np.ndarray] = []
         self._pending = 0
@@ -148,13 +151,17 @@ class ItemCounter:
         self._items.append(keys)
         self._counts.append(counts)
         self._pending += len(keys)
-        if self._pending > 4 * max(self._compacted, 1 << 20):
+        if self._pending > 4 * max(self._compacted, min(1 << 20, self.max_items or 1 << 20)):
             self._compact()
 
     def _compact(self) -> None:
         if len(self._items) > 1:
             keys, counts = _summed(self._items, self._counts)
             self._items, self._counts = [keys], [counts]
+        if self.max_items is not None and self._items and len(self._items[0]) > self.max_items:
+            keys, counts = self._items[0], self._counts[0]
+            kept = np.sort(np.argpartition(-counts, self.max_items - 1)[: self.max_items])
+            self._items, self._counts = [keys[kept]], [counts[kept]]
         self._compacted = self._pending = len(self._items[0]) if self._items else 0
 
     def popularity(self) -> Popularity:

@@ -127,7 +127,10 @@ def test_a_sessions_final_streamed_score_is_fedanom_scores(root: Path, keyed: st
         answers = [a for k in range(0, len(events), 64) for a in stream.send(events[k : k + 64])["events"]]
         assert [a["index"] for a in answers[:64]] == list(range(64))  # every event answered, in order
         assert len(answers) == len(events)
+        some = answers[-1]["session_id"]
+        assert stream.session(some) == {"session_id": some, "ended": None, "events": answers[-1]["events"]}
         finals = {s: stream.end(s) for s in dict.fromkeys(a["session_id"] for a in answers)}
+        assert stream.session(some) == {**finals[some], "ended": "end"}  # as a session that ended idle
     write_taobao_csv(later, root / "later.csv")
     batch = score_events(BehaviourDetector.load(root / "detector"), root / "later.csv", preset="taobao")
     assert set(batch.session_id) == set(finals)
@@ -135,7 +138,8 @@ def test_a_sessions_final_streamed_score_is_fedanom_scores(root: Path, keyed: st
         final = finals[row.session_id]
         assert final["score"] == pytest.approx(row.score, abs=1e-4), row.session_id
         assert final["events"] == row.events and final["flagged"] == row.flag
-    assert all(re.match(r"line \d+: \w+ .*1-in-", a["why"][0]) for a in answers)
+    # a running answer names the session's latest event by its place in the session, not a request's line
+    assert all(re.match(rf"event {a['events']}: \w+ .*1-in-", a["why"][0]) for a in answers)
 
 
 def test_bad_events_are_listed_and_the_rest_of_the_batch_is_scored(keyed: str) -> None:

@@ -157,6 +157,17 @@ def test_item_counter_merges_chunks_exactly() -> None:
     assert np.array_equal(counter.popularity().buckets, Popularity.from_counts(keys, counts).buckets)
 
 
+def test_a_bounded_item_counter_keeps_the_most_counted_items() -> None:
+    counter = ItemCounter(max_items=50)
+    popular = np.repeat(np.arange(1, 41, dtype=np.uint64), 5)  # 40 items, 5 events each
+    for start in range(1_000, 21_000, 1_000):  # and 20,000 random ids seen once each, as a scraper sends
+        counter.add(np.concatenate([popular, np.arange(start, start + 1_000, dtype=np.uint64)]))
+    seen = counter.popularity()
+    assert len(seen.items) == 50
+    assert set(range(1, 41)) <= set(seen.items.tolist())
+    assert seen.counts[seen.items.tolist().index(7)] == 5 * 20
+
+
 def test_popularity_round_trips_through_a_file(tmp_path: Path) -> None:
     pop = Popularity.from_counts(np.array([3, 1, 2], dtype=np.uint64), np.array([1, 5, 2]))
     pop.save(tmp_path / "pop.npz")

@@ -245,9 +245,16 @@ class BehaviourDetector:
         return event_surprise(self.model, windows, device=self.device)
 
     def threshold(self, alert_rate: float | None = None) -> float:
+        return self._calibrated().threshold(alert_rate)
+
+    def alert_rate(self, asked: float | None = None) -> float:
+        """The alert rate in force: the one asked for, else the one the detector was calibrated at."""
+        return self._calibrated().alert_rate if asked is None else asked
+
+    def _calibrated(self) -> Calibration:
         if self.calibration is None:
             raise FedanomError("the detector is not calibrated: fit it first")
-        return self.calibration.threshold(alert_rate)
+        return self.calibration
 
     def head_auprc(
         self, surprise: Surprise, validation: Windows, labels: np.ndarray | None
@@ -274,8 +281,6 @@ class BehaviourDetector:
 
     # --------------------------------------------------------------------------------------------- disk
     def save(self, directory: str | Path) -> None:
-        if self.calibration is None:
-            raise FedanomError("the detector is not calibrated: fit it first")
         directory = Path(directory)
         spec = DetectorSpec(
             backbone={
@@ -286,7 +291,7 @@ class BehaviourDetector:
             lora={**self.lora.to_dict(), "targets": list(lora_targets_of(self.model))},  # as resolved
             session=asdict(self.session),
             aggregation=self.aggregation,
-            calibration=self.calibration,
+            calibration=self._calibrated(),
             provenance=self.provenance,
             score_mix=self.score_mix,
         )

@@ -38,7 +38,6 @@ import pyarrow as pa
 
 from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.scoring import event_words, explain
-from fedanom.common.errors import FedanomError
 from fedanom.common.live_events import RequestReader
 from fedanom.common.presets import Preset
 from fedanom.common.sessions import sessionize
@@ -47,6 +46,7 @@ from fedanom.common.windows import Windows
 
 TRACK_WINDOW = 1_000  # ended sessions the tracked threshold looks back on
 TRACK_WARMUP = 200  # ended sessions before the tracked threshold leaves the calibrated one
+MAX_SERVED_ITEMS = 1_000_000  # distinct items of the served traffic counted for popularity (16 MB)
 SESSION_OVERHEAD_BYTES = 2_048  # an open session's bookkeeping beyond its events, for the memory cap
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class LiveSessions:
         self.refresh_s = refresh_s
         self.sessions: OrderedDict[int, OpenSession] = OrderedDict()  # by group key, least recent first
         self.by_id: dict[str, int] = {}
-        self.served = ItemCounter()
+        self.served = ItemCounter(max_items=MAX_SERVED_ITEMS)
         self.held_bytes = 0
         self.evicted = 0
         for rate in track or ():  # a bad alert rate or bound fails at start, not on the first event
@@ -134,7 +134,7 @@ class LiveSessions:
         if self.track is None or len(model.recent) < TRACK_WARMUP:
             return calibrated
         fewest, most = self.track
-        rate = alert_rate_of(detector, self.alert_rate)
+        rate = detector.alert_rate(self.alert_rate)
         tracked = float(np.quantile(np.fromiter(model.recent, float), 1.0 - rate))
         return float(np.clip(tracked, detector.threshold(most), detector.threshold(fewest)))
 
@@ -291,30 +291,24 @@ class LiveSessions:
             best = own[np.argmax(scores[own])]
             score = float(scores[best])
             if closed:
-                words = explain(surprise, windows, int(best), reference=detector.reference)
+                words = explain(surprise, windows, int(best), reference=detector.reference, where="event")
                 model.recent.append(score)
             else:  # the session's latest event, the last of its last window
                 e = int(windows.offsets[own[-1] + 1] - 1)
-                words = [event_words(float(surprise.event[e]), windows, e)]
+                words = [event_words(float(surprise.event[e]), windows, e, "event")]
             answers.append(
                 Scored(session.key, score, score > threshold, model.digest, session.events.num_rows, words)
             )
         return answers
 
 
-def alert_rate_of(detector: BehaviourDetector, asked: float | None) -> float:
-    """The alert rate in force: the one asked for, else the one the detector was calibrated at."""
-    if asked is not None:
-        return asked
-    if detector.calibration is None:
-        raise FedanomError("the detector is not calibrated: fit it first")
-    return detector.calibration.alert_rate
-
-
 def _as_session(events: pa.Table, piece: int) -> pa.Table:
     """The events as a session of their own (an export session id that is the piece's number), so one
-    sessionize pass keeps every piece apart, whatever user or gap they share."""
+    sessionize pass keeps every piece apart, whatever user or gap they share; each event's row is its
+    place in the session as it arrived, which its explanation names ("event 3")."""
     n = events.num_rows
+    row = events.schema.get_field_index("row")
+    events = events.set_column(row, "row", pa.array(np.arange(1, n + 1, dtype=np.int64)))
     sess = events.schema.get_field_index("sess")
     events = events.set_column(sess, "sess", pa.array(np.full(n, piece + 1, dtype=np.uint64)))
     raw = events.schema.get_field_index("sess_raw")

@@ -122,17 +122,24 @@ def choose_aggregation(surprise: Surprise, windows: Windows, labels: np.ndarray 
 
 
 def explain(
-    surprise: Surprise, windows: Windows, i: int, k: int = 3, reference: FeatureReference | None = None
+    surprise: Surprise,
+    windows: Windows,
+    i: int,
+    k: int = 3,
+    reference: FeatureReference | None = None,
+    where: str = "line",
 ) -> list[str]:
     """The k most surprising things about window i, in plain words: its events (the session's end counts
-    as one), its context and, with the shop's feature reference, its most unusual session features."""
+    as one), its context and, with the shop's feature reference, its most unusual session features. An
+    event is named by its `where` and `windows.line`: the line of its file, or (live) its place in its
+    session."""
     lo, hi = windows.offsets[i], windows.offsets[i + 1]
     candidates = [
         (float(nll), f"{describe_context(int(token))}: 1-in-{np.exp(nll):,.0f} under this shop's model")
         for nll, token in zip(surprise.context[i], windows.context[i], strict=True)
     ]
     candidates += [
-        (float(surprise.event[e]), event_words(surprise.event[e], windows, e)) for e in range(lo, hi)
+        (float(surprise.event[e]), event_words(surprise.event[e], windows, e, where)) for e in range(lo, hi)
     ]
     if not np.isnan(surprise.end[i]):
         end = float(surprise.end[i])
@@ -143,16 +150,16 @@ def explain(
     return [words for _, words in candidates[:k]]
 
 
-def event_words(nll: float, windows: Windows, e: int) -> str:
+def event_words(nll: float, windows: Windows, e: int, where: str = "line") -> str:
     """Event e and how surprising the model found it (`nll`), in words."""
-    return f"{_describe_event(windows, e)}: 1-in-{np.exp(nll):,.0f} under this shop's model"
+    return f"{_describe_event(windows, e, where)}: 1-in-{np.exp(nll):,.0f} under this shop's model"
 
 
-def _describe_event(windows: Windows, e: int) -> str:
+def _describe_event(windows: Windows, e: int, where: str) -> str:
     fields = decode(int(windows.tokens[e]))
     gap = windows.gap_ms[e]
     when = "first event of the session" if gap < 0 else f"{_seconds(gap / 1000)} after the previous event"
-    return f"line {windows.line[e]}: {fields['event']} {when} ({fields['item']}, {fields['popularity']})"
+    return f"{where} {windows.line[e]}: {fields['event']} {when} ({fields['item']}, {fields['popularity']})"
 
 
 def _seconds(s: float) -> str:
