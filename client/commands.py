@@ -22,6 +22,8 @@ from fedanom.options import (
     DataSource,
     DeviceOption,
     EpsilonOption,
+    MaxWindowsPerUserOption,
+    PrivacyUnitOption,
     ScoringAlertRateOption,
     SessionGapOption,
     StateDirOption,
@@ -44,6 +46,8 @@ def train(
         float | None, typer.Option("--delta", help="δ (default 1/training sessions; fixed at first use).")
     ] = None,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without differential privacy.")] = False,
+    privacy_unit: PrivacyUnitOption = TrainSettings.privacy_unit,
+    max_windows_per_user: MaxWindowsPerUserOption = TrainSettings.max_windows_per_user,
     labels: Annotated[
         Path | None,
         typer.Option("--labels", help="CSV of known sessions: session_id (or user_id), label (1=attack)."),
@@ -100,6 +104,8 @@ def train(
             learning_rate=learning_rate,
             max_grad_norm=max_grad_norm,
             dp=not no_dp,
+            privacy_unit=privacy_unit,
+            max_windows_per_user=max_windows_per_user,
         ),
         session=session,
         epsilon=epsilon,

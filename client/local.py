@@ -15,6 +15,7 @@ import numpy as np
 
 from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.privacy import PrivacyLedger
+from fedanom.common.detector.training import privacy_units
 from fedanom.common.ingest import Ingested
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.settings import LoraSettings, TrainSettings
@@ -50,7 +51,10 @@ def train_detector(
     )
     ledger = None
     if train.dp:
-        ledger = PrivacyLedger.open(state_dir, epsilon_budget=epsilon, delta=delta or 1.0 / windows.n_windows)
+        units = privacy_units(windows, train)
+        ledger = PrivacyLedger.open(
+            state_dir, epsilon_budget=epsilon, delta=delta or 1.0 / units, unit=train.privacy_unit
+        )
     say(f"training on {windows.n_windows:,} sessions ({ingested.report.rows_kept:,} events) of {name}")
     report = detector.fit(windows, known, train=train, ledger=ledger, alert_rate=alert_rate).report
     assert report is not None  # fit leaves its training run's report

@@ -23,11 +23,11 @@ from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.model import HEAD, attach_lora, trainable_state
 from fedanom.common.detector.privacy import PrivacyLedger
 from fedanom.common.detector.scoring import DEFAULT_AGGREGATION
-from fedanom.common.detector.training import train_model
+from fedanom.common.detector.training import privacy_units, train_model
 from fedanom.common.errors import FedanomError
 from fedanom.common.labels import read_labels
 from fedanom.common.policy import PolicyRefused, PrivacyPolicy
-from fedanom.common.records import SCORE_HEAD, Metrics, flag, lora_settings, number
+from fedanom.common.records import SCORE_HEAD, Metrics, flag, lora_settings, number, text
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.settings import ALERT_RATE, TrainSettings
 
@@ -69,12 +69,17 @@ def train_round(
         max_grad_norm=number(config, "max-grad-norm"),
         seed=this_round if merchant.simulated else None,
         dp=dp,
+        privacy_unit=text(config, "privacy-unit", TrainSettings.privacy_unit),
+        max_windows_per_user=int(number(config, "max-windows-per-user"))
+        if "max-windows-per-user" in config  # a server of an earlier version sends no unit
+        else TrainSettings.max_windows_per_user,
     )
+    units = privacy_units(train_windows, settings)
     rounds_left = int(number(config, "num-server-rounds")) - this_round + 1
     ledger = None  # without DP (simulate's research comparison only) nothing is spent
     if settings.dp:
         ledger = PrivacyLedger.open(
-            merchant.state_dir, epsilon_budget=merchant.epsilon, delta=1.0 / train_windows.n_windows
+            merchant.state_dir, epsilon_budget=merchant.epsilon, delta=1.0 / units, unit=settings.privacy_unit
         )
         refusal = policy.refusal(dp=dp, epsilon_budget=merchant.epsilon, delta=ledger.delta)
         if refusal:
@@ -85,7 +90,7 @@ def train_round(
         settings,
         labels=known,
         ledger=ledger,
-        planned_steps=rounds_left * settings.steps_for(train_windows.n_windows),
+        planned_steps=rounds_left * settings.steps_for(units),
     )
     values: Metrics = {
         "num-examples": float(train_windows.n_windows),

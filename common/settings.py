@@ -21,6 +21,7 @@ AGGREGATIONS = (
     "trimmed-mean",
     "median",
 )  # server.aggregation.AGGREGATORS does each (a test keeps them equal)
+PRIVACY_UNITS = ("session", "user")  # what DP-SGD samples, clips and counts as one
 ALERT_RATE = 0.01  # the share of normal sessions a detector flags unless the merchant asks for another
 
 
@@ -59,17 +60,32 @@ class TrainSettings:
     batch_size: int = 64  # expected batch size (Poisson sampling under DP)
     # Adam under DP-SGD noise: at 0.02 the anomaly head hardly learned in two rounds (BENCHMARKS.md)
     learning_rate: float = 1e-2
-    max_grad_norm: float = 1.0  # per-session clipping bound
+    max_grad_norm: float = 1.0  # clipping bound per privacy unit
     dp: bool = True
+    # what DP protects as one unit: a session (one scored window), or a shopper with all their sessions,
+    # of which at most `max_windows_per_user` are drawn each time the shopper is sampled
+    privacy_unit: str = "session"
+    max_windows_per_user: int = 8
     grad_sample_mode: str = "hooks"
     # None: sampling and DP noise come from a seed drawn from the OS's entropy, so nobody can regenerate
     # the noise and subtract it (every deployed run); a number makes a research run reproducible
     seed: int | None = None
 
-    def steps_for(self, sessions: int) -> int:
-        """Optimizer steps over `sessions` training windows: training takes them and the privacy ledger
-        plans its noise for them, so both ask here."""
-        return max(1, math.ceil(self.epochs * sessions / min(self.batch_size, sessions)))
+    def __post_init__(self) -> None:
+        if self.privacy_unit not in PRIVACY_UNITS:
+            raise FedanomError(
+                f"the privacy unit must be one of {', '.join(PRIVACY_UNITS)}, not {self.privacy_unit}"
+            )
+        if self.max_windows_per_user < 1:
+            raise FedanomError(
+                f"a shopper's windows per draw must be at least 1, not {self.max_windows_per_user}"
+            )
+
+    def steps_for(self, units: int) -> int:
+        """Optimizer steps over `units` privacy units (sessions or shoppers; `detector.training.
+        privacy_units`): training takes them and the privacy ledger plans its noise for them, so both
+        ask here. `batch_size` is in units."""
+        return max(1, math.ceil(self.epochs * units / min(self.batch_size, units)))
 
 
 # The pretraining an operator runs (`fedanom pretrain`, and `simulate`'s backbone): every weight, public
@@ -106,11 +122,14 @@ class RunSettings:
     lora_targets: str = ""  # comma-separated; empty: the architecture's default
     supervised_head: bool = LoraSettings.supervised_head
     dp: bool = TrainSettings.dp
+    privacy_unit: str = TrainSettings.privacy_unit
+    max_windows_per_user: int = TrainSettings.max_windows_per_user
     require_dp: bool = False  # the operator's privacy policy (`common.policy`): merchants must train with DP,
     max_epsilon: float = 0.0  # within this total budget (0: any),
     max_delta: float = 0.0  # and this δ (0: any)
 
     def __post_init__(self) -> None:
+        self.local_settings()  # a privacy unit that is not one, said here too
         if self.aggregation not in AGGREGATIONS:
             raise FedanomError(
                 f"the aggregation must be one of {', '.join(AGGREGATIONS)}, not {self.aggregation}"
@@ -142,6 +161,8 @@ class RunSettings:
             learning_rate=self.learning_rate,
             max_grad_norm=self.max_grad_norm,
             dp=self.dp,
+            privacy_unit=self.privacy_unit,
+            max_windows_per_user=self.max_windows_per_user,
         )
 
 

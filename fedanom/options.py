@@ -132,6 +132,19 @@ _SOURCE_FIELDS = [f.name for f in fields(DataSource)]
 # Options several commands share, declared once so their flags and help cannot drift apart.
 DeviceOption = Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda if present).")]
 EpsilonOption = Annotated[float, typer.Option("--epsilon", help="This merchant's total privacy budget ε.")]
+PrivacyUnitOption = Annotated[
+    str,
+    typer.Option(
+        "--privacy-unit",
+        help="What DP protects as one: session (one scored window) or user (a shopper, all their sessions).",
+    ),
+]
+MaxWindowsPerUserOption = Annotated[
+    int,
+    typer.Option(
+        "--max-windows-per-user", help="With --privacy-unit user: a sampled shopper's windows, at most."
+    ),
+]
 VerboseOption = Annotated[
     bool,
     typer.Option("--verbose", help="Flower's (and Ray's) logs on the console instead of their log file."),

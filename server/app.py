@@ -42,6 +42,8 @@ FORWARDED = (
     "lora-targets",
     "supervised-head",
     "dp",
+    "privacy-unit",
+    "max-windows-per-user",
     "base",
     "require-dp",
     "max-epsilon",

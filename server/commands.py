@@ -19,7 +19,16 @@ from fedanom.common.presets import resolve_preset
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.settings import AGGREGATIONS, ARCHITECTURE_NAMES, PRETRAIN, BackboneConfig, RunSettings
 from fedanom.common.windows import Windows
-from fedanom.options import DataSource, DeviceOption, VerboseOption, data_options, err, file_and_preset
+from fedanom.options import (
+    DataSource,
+    DeviceOption,
+    MaxWindowsPerUserOption,
+    PrivacyUnitOption,
+    VerboseOption,
+    data_options,
+    err,
+    file_and_preset,
+)
 from fedanom.server.superlink import run_server
 
 
@@ -54,6 +63,8 @@ def server(
     batch_size: Annotated[int, typer.Option("--batch-size")] = RunSettings.batch_size,
     learning_rate: Annotated[float, typer.Option("--learning-rate")] = RunSettings.learning_rate,
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm")] = RunSettings.max_grad_norm,
+    privacy_unit: PrivacyUnitOption = RunSettings.privacy_unit,
+    max_windows_per_user: MaxWindowsPerUserOption = RunSettings.max_windows_per_user,
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = RunSettings.lora_rank,
     alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = RunSettings.lora_alpha,
     lora_targets: Annotated[
@@ -115,6 +126,8 @@ def server(
         batch_size=batch_size,
         learning_rate=learning_rate,
         max_grad_norm=max_grad_norm,
+        privacy_unit=privacy_unit,
+        max_windows_per_user=max_windows_per_user,
         lora_rank=rank,
         lora_alpha=alpha,
         lora_targets=lora_targets,

@@ -16,8 +16,8 @@ from typing import Annotated
 import typer
 
 from fedanom.common.errors import FedanomError
-from fedanom.common.settings import EPSILON, BackboneConfig, RunSettings
-from fedanom.options import VerboseOption, err, file_and_preset
+from fedanom.common.settings import EPSILON, BackboneConfig, RunSettings, TrainSettings
+from fedanom.options import PrivacyUnitOption, VerboseOption, err, file_and_preset
 from fedanom.simulations.scenario import (
     TEST_SHARE,
     shop_sizes,
@@ -71,6 +71,7 @@ def simulate(
             help="This many of the smallest merchants know none of their past attacks (no fraud team).",
         ),
     ] = 1,
+    privacy_unit: PrivacyUnitOption = TrainSettings.privacy_unit,
     json_out: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
     verbose: VerboseOption = False,
 ) -> None:
@@ -102,6 +103,7 @@ def simulate(
         test_share=test_share,
         unlabelled=unlabelled,
         head=head,
+        privacy_unit=privacy_unit,
         backbone=BackboneConfig(d_model=d_model, n_layers=layers),
         base=base,
         verbose=verbose,

@@ -38,6 +38,7 @@ from fedanom.client.app import make_client_app
 from fedanom.client.merchant import Merchant, VirtualMerchants
 from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.privacy import PrivacyLedger
+from fedanom.common.detector.training import privacy_units
 from fedanom.common.flower import flower_logs_to
 from fedanom.common.ingest import ingest
 from fedanom.common.presets import resolve_preset
@@ -108,20 +109,32 @@ def run_all(
     epsilon: float,
     seed: int,
     head: bool = True,
+    unit: str = TrainSettings.privacy_unit,
     on_method: Callable[[str], None] = lambda _: None,
     verbose: bool = False,
 ) -> Comparison:
+    """Every method on the same sessions; `unit` is what the DP-trained ones protect as one."""
     result = Comparison()
     for method in METHODS:
         on_method(method)
         if method.startswith("federated"):
             dp = method == "federated-dp"
             scores, log = federated(
-                merchants, sessions, base, workdir / method, rounds, epsilon, dp, seed, head, verbose=verbose
+                merchants,
+                sessions,
+                base,
+                workdir / method,
+                rounds,
+                epsilon,
+                dp,
+                seed,
+                head,
+                overrides={"privacy-unit": unit},
+                verbose=verbose,
             )
             result.rounds[method] = log
         elif method == "local-only":
-            scores = [local(s, base, rounds, epsilon, seed, head) for s in sessions]
+            scores = [local(s, base, rounds, epsilon, seed, head, unit) for s in sessions]
         elif method == "centralized":
             scores = centralized(sessions, base, rounds, seed, head)
         elif method == "pretrained-only":
@@ -199,19 +212,21 @@ def federated(
     return scores, log
 
 
-def _settings(rounds: int, dp: bool, seed: int) -> TrainSettings:
+def _settings(rounds: int, dp: bool, seed: int, unit: str = TrainSettings.privacy_unit) -> TrainSettings:
     """What a federation's merchant does in `rounds` rounds, in one go."""
-    return replace(RunSettings().local_settings(rounds), dp=dp, seed=seed)
+    return replace(RunSettings(privacy_unit=unit).local_settings(rounds), dp=dp, seed=seed)
 
 
 def local(
-    s: Sessions, base: Path, rounds: int, epsilon: float, seed: int, head: bool
+    s: Sessions, base: Path, rounds: int, epsilon: float, seed: int, head: bool, unit: str
 ) -> tuple[np.ndarray, np.ndarray]:
     lora = LoraSettings(seed=seed, supervised_head=head and s.labelled)
     detector = BehaviourDetector.from_backbone(base, s.popularity, lora=lora)
     fit = Windows.concat([s.train, s.validation])
-    ledger = PrivacyLedger(epsilon_budget=epsilon, delta=1.0 / s.train.n_windows)
-    detector.fit(fit, s.known(fit), train=_settings(rounds, True, seed), ledger=ledger)
+    train = _settings(rounds, True, seed, unit)
+    delta = 1.0 / privacy_units(s.train, train)  # as a merchant of the federation fixes it
+    ledger = PrivacyLedger(epsilon_budget=epsilon, delta=delta, unit=unit)
+    detector.fit(fit, s.known(fit), train=train, ledger=ledger)
     return detector.decision_function(s.validation), detector.decision_function(s.test)
 
 

@@ -72,6 +72,7 @@ class Study:
     test_share: float
     unlabelled: int
     head: bool
+    privacy_unit: str
     backbone: BackboneConfig
     base: Path | None
     verbose: bool
@@ -101,6 +102,7 @@ def run_study(study: Study, out: Path, console: Console) -> dict[str, Any]:
             epsilon=study.epsilon,
             seed=study.seed,
             head=head,
+            unit=study.privacy_unit,
             on_method=step,
             verbose=study.verbose,
         )
@@ -109,6 +111,7 @@ def run_study(study: Study, out: Path, console: Console) -> dict[str, Any]:
         "test_share": study.test_share,
         "supervised_head": head,
         "epsilon": study.epsilon,
+        "privacy_unit": study.privacy_unit,
         "seed": study.seed,
         "backbone": str(base),
         "merchants": [

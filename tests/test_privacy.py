@@ -15,7 +15,16 @@ from torch.utils.data import DataLoader
 
 from fedanom.common.detector.model import attach_lora, build_backbone, pad_batch, trainable_state
 from fedanom.common.detector.privacy import LEDGER_FILE, BudgetExhausted, PrivacyLedger
-from fedanom.common.detector.training import Example, collate, make_private, sequence_loss, train_model
+from fedanom.common.detector.training import (
+    Example,
+    _Shoppers,
+    collate,
+    collate_shoppers,
+    make_private,
+    per_shopper,
+    sequence_loss,
+    train_model,
+)
 from fedanom.common.errors import FedanomError
 from fedanom.common.settings import ARCHITECTURE_NAMES, BackboneConfig, LoraSettings, TrainSettings
 from fedanom.common.tokens import BOS, CONTEXT, CONTEXT_OFFSETS, CONTEXT_WIDTHS, EOS
@@ -36,7 +45,7 @@ def sequences(n: int, seed: int = 0) -> list[np.ndarray]:
     return out
 
 
-def toy_windows(n: int, seed: int = 0) -> Windows:
+def toy_windows(n: int, seed: int = 0, sessions_per_user: int = 1) -> Windows:
     framed = sequences(n, seed)
     seqs = [s[1 + len(CONTEXT) : -1] for s in framed]
     lengths = np.array([len(s) for s in seqs])
@@ -48,7 +57,7 @@ def toy_windows(n: int, seed: int = 0) -> Windows:
         line=np.arange(events, dtype=np.int64),
         offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         session=np.array([f"s{i}" for i in range(n)], dtype=object),
-        user=np.array([f"u{i}" for i in range(n)], dtype=object),
+        user=np.array([f"u{i // sessions_per_user}" for i in range(n)], dtype=object),
         window_index=np.zeros(n, dtype=np.int32),
         closes_session=np.ones(n, dtype=bool),
         start_ms=np.arange(n, dtype=np.int64),
@@ -236,3 +245,99 @@ def test_an_implausible_ledger_refuses_training_and_is_left_as_it_was(
         with pytest.raises(FedanomError, match=re.escape(f"{path}: {field}")):
             read()
     assert path.read_text() == before
+
+
+def shoppers_model() -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    model = attach_lora(build_backbone(TINY, seed=1), LoraSettings(rank=4))
+    with torch.no_grad():  # B non-zero: every adapter value has a non-trivial gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def test_a_shoppers_dp_gradient_is_the_sum_of_their_windows_gradients() -> None:
+    """User-level DP-SGD with no noise and a clip no gradient reaches: each shopper's gradient is the sum
+    of their windows' gradients, and the step is the mean over shoppers."""
+    model, params = shoppers_model()
+    windows = toy_windows(6, seed=3, sessions_per_user=2)  # u0: windows 0-1, u1: 2-3, u2: 4-5
+    shoppers = _Shoppers(windows, None, cap=8)
+    per_window = []
+    for i in range(windows.n_windows):
+        ids, mask = pad_batch([windows.framed(i)])
+        per_window.append(torch.autograd.grad(sequence_loss(model, ids, mask), params))
+    by_shopper = [
+        [sum(per_window[i][k] for i in group) for k in range(len(params))] for group in shoppers.groups
+    ]
+    loader: DataLoader[Any] = DataLoader(shoppers, batch_size=3, collate_fn=collate_shoppers)
+    ledger = PrivacyLedger(epsilon_budget=8.0, delta=1e-5, unit="user")
+    settings = TrainSettings(max_grad_norm=1e6, privacy_unit="user")
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    dp_model, dp_optimizer, dp_loader, _ = make_private(
+        model,
+        optimizer,
+        loader,
+        settings=settings,
+        ledger=ledger,
+        noise_multiplier=0.0,
+        poisson_sampling=False,
+    )
+    ids, mask, known, owner = next(iter(dp_loader))
+    sequence_loss(dp_model, ids, mask, known).backward()
+    per_shopper(dp_model, owner, 3)
+    for k, p in enumerate(params):
+        for u in range(3):
+            want = by_shopper[u][k]
+            error = (p.grad_sample[u] - want).norm() / want.norm()  # type: ignore[attr-defined]
+            assert error <= 1e-5, f"shopper {u}: relative error {error:.2e}"
+    dp_optimizer.step()
+    for k, p in enumerate(params):
+        want = sum(by_shopper[u][k] for u in range(3)) / 3
+        assert p.grad is not None and (p.grad - want).norm() / want.norm() <= 1e-5
+
+
+def test_each_shoppers_contribution_is_clipped_to_the_bound() -> None:
+    """One shopper per step, no noise, a small clip: the step's gradient is that shopper's contribution,
+    and its norm over every trained value is at most the clip, however many windows the shopper has."""
+    model, params = shoppers_model()
+    windows = toy_windows(12, seed=4, sessions_per_user=4)
+    loader: DataLoader[Any] = DataLoader(
+        _Shoppers(windows, None, cap=8), batch_size=1, collate_fn=collate_shoppers
+    )
+    ledger = PrivacyLedger(epsilon_budget=8.0, delta=1e-5, unit="user")
+    settings = TrainSettings(max_grad_norm=0.01, privacy_unit="user")
+    dp_model, dp_optimizer, dp_loader, _ = make_private(
+        model,
+        torch.optim.SGD(params, lr=0.0),
+        loader,
+        settings=settings,
+        ledger=ledger,
+        noise_multiplier=0.0,
+        poisson_sampling=False,
+    )
+    for ids, mask, known, owner in dp_loader:
+        dp_optimizer.zero_grad(set_to_none=True)
+        sequence_loss(dp_model, ids, mask, known).backward()
+        per_shopper(dp_model, owner, 1)
+        dp_optimizer.step()
+        norm = torch.cat([p.grad.flatten() for p in params if p.grad is not None]).norm()
+        assert 0 < norm <= 0.01 * (1 + 1e-4), f"a shopper's contribution has norm {norm:.3g}"
+
+
+def test_user_level_epsilon_is_the_accountants_for_the_shoppers_sampling_rate(tmp_path: Path) -> None:
+    windows = toy_windows(300, sessions_per_user=5)  # 60 shoppers
+    ledger = PrivacyLedger.open(tmp_path, epsilon_budget=4.0, delta=1e-2, unit="user")
+    settings = TrainSettings(epochs=1.0, batch_size=10, privacy_unit="user", max_windows_per_user=3)
+    report = train_model(
+        attach_lora(build_backbone(TINY), LoraSettings(rank=2)), windows, settings, ledger=ledger
+    )
+    assert report.sample_rate == pytest.approx(10 / 60) and report.steps == settings.steps_for(60) == 6
+    assert report.noise_multiplier is not None and report.epsilon_spent is not None
+    independent = RDPAccountant()
+    independent.history = [(report.noise_multiplier, 10 / 60, report.steps)]
+    assert report.epsilon_spent == pytest.approx(independent.get_epsilon(1e-2), rel=1e-9)
+    assert report.epsilon_spent <= 4.0
+    # ε spent per shopper and ε per session do not add up: the ledger says so instead of mixing them
+    with pytest.raises(FedanomError, match="holds ε spent per user, and ε per session cannot be added"):
+        PrivacyLedger.open(tmp_path, epsilon_budget=4.0, delta=1e-2)
+    assert json.loads((tmp_path / LEDGER_FILE).read_text())["unit"] == "user"

@@ -3,9 +3,9 @@
 `score_events`, a table of scored sessions from a DataFrame of events (`scores`).
 
 This is the torch stack, kept apart from the torch-free data pipeline in `fedanom.common`, so a process
-that only reads data or answers a query never imports torch. `BehaviourDetector` is importable from here
-and `score_events` are importable from here and are loaded on first use (PEP 562), so importing one
-module of the package does not load the others.
+that only reads data or answers a query never imports torch. `BehaviourDetector` and `score_events` are
+importable from here and are loaded on first use (PEP 562), so importing one module of the package does
+not load the others.
 """
 
 from __future__ import annotations

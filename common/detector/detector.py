@@ -52,7 +52,7 @@ from fedanom.common.detector.scoring import (
     event_surprise,
     explain,
 )
-from fedanom.common.detector.training import TrainReport, train_model
+from fedanom.common.detector.training import TrainReport, privacy_units, train_model
 from fedanom.common.errors import FedanomError
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.settings import ALERT_RATE, EPSILON, LoraSettings, TrainSettings
@@ -142,7 +142,10 @@ class BehaviourDetector:
                 "sessions of their own"
             )
         if train.dp and ledger is None:
-            ledger = PrivacyLedger.open(None, epsilon_budget=EPSILON, delta=1.0 / fit_part.n_windows)
+            units = privacy_units(fit_part, train)
+            ledger = PrivacyLedger.open(
+                None, epsilon_budget=EPSILON, delta=1.0 / units, unit=train.privacy_unit
+            )
         fit_labels = windows.labels_of(fit_part, labels)
         report = train_model(
             self.model, fit_part, train, labels=fit_labels, ledger=ledger, device=self.device

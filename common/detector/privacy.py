@@ -30,6 +30,7 @@ from filelock import FileLock, Timeout
 from opacus.accountants import RDPAccountant
 
 from fedanom.common.errors import BudgetExhausted, FedanomError
+from fedanom.common.settings import PRIVACY_UNITS
 
 LEDGER_FILE = "privacy.json"
 MAX_NOISE = 50.0  # beyond this a step carries no useful signal: the budget is spent
@@ -50,21 +51,26 @@ class PrivacyLedger:
     history: list[Entry] = field(default_factory=list)
     path: Path | None = None  # None: kept in memory only (a one-off local fit)
     reserved: dict[str, Entry] = field(default_factory=dict)  # runs in progress (or that died), by run id
+    unit: str = "session"  # what every spend in it counted as one (TrainSettings.privacy_unit)
 
     @classmethod
-    def open(cls, state_dir: str | Path | None, *, epsilon_budget: float, delta: float) -> PrivacyLedger:
-        """The ledger in `state_dir` (created on first use), with this call's budget; δ stays as first set."""
+    def open(
+        cls, state_dir: str | Path | None, *, epsilon_budget: float, delta: float, unit: str = "session"
+    ) -> PrivacyLedger:
+        """The ledger in `state_dir` (created on first use), with this call's budget; δ stays as first set,
+        and so does the privacy unit: ε spent per session and ε spent per shopper do not add up."""
         if not (epsilon_budget > 0 and math.isfinite(epsilon_budget)):
             raise FedanomError(f"the privacy budget ε must be a positive number, not {epsilon_budget}")
         if not 0 < delta <= MAX_DELTA:
             raise FedanomError(f"δ must be above 0 and at most {MAX_DELTA}, not {delta}")
         if state_dir is None:
-            return cls(epsilon_budget=epsilon_budget, delta=delta)
+            return cls(epsilon_budget=epsilon_budget, delta=delta, unit=unit)
         path = Path(state_dir) / LEDGER_FILE
         if path.exists():
-            delta, history, reserved = _read(path)
-            return cls(epsilon_budget, delta, history, path, reserved)
-        return cls(epsilon_budget=epsilon_budget, delta=delta, path=path)
+            delta, spent_unit, history, reserved = _read(path)
+            _same_unit(path, spent_unit, unit)
+            return cls(epsilon_budget, delta, history, path, reserved, unit)
+        return cls(epsilon_budget=epsilon_budget, delta=delta, path=path, unit=unit)
 
     @classmethod
     def spent_in(cls, state_dir: str | Path) -> float:
@@ -72,8 +78,8 @@ class PrivacyLedger:
         path = Path(state_dir) / LEDGER_FILE
         if not path.exists():
             return 0.0
-        delta, history, reserved = _read(path)
-        return cls(math.inf, delta, history, None, reserved).spent()
+        delta, unit, history, reserved = _read(path)
+        return cls(math.inf, delta, history, None, reserved, unit).spent()
 
     def accountant(self) -> RDPAccountant:
         """A fresh Opacus accountant that already knows every step taken or reserved so far."""
@@ -143,7 +149,8 @@ class PrivacyLedger:
         try:
             with FileLock(self.path.with_name(f"{self.path.name}.lock")).acquire(timeout=LOCK_TIMEOUT_S):
                 if self.path.exists():
-                    self.delta, self.history, self.reserved = _read(self.path)
+                    self.delta, unit, self.history, self.reserved = _read(self.path)
+                    _same_unit(self.path, unit, self.unit)
                 yield
         except Timeout:
             raise FedanomError(
@@ -153,22 +160,32 @@ class PrivacyLedger:
     def _write(self) -> None:
         if self.path is None:
             return
-        saved = {"delta": self.delta, "accountant": "rdp", "history": self.history, "reserved": self.reserved}
+        saved = {
+            "delta": self.delta,
+            "unit": self.unit,
+            "accountant": "rdp",
+            "history": self.history,
+            "reserved": self.reserved,
+        }
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(saved, indent=1))
         tmp.replace(self.path)
 
 
-def _read(path: Path) -> tuple[float, list[Entry], dict[str, Entry]]:
-    """(δ, accountant history, reservations) from a ledger file, every value checked."""
+def _read(path: Path) -> tuple[float, str, list[Entry], dict[str, Entry]]:
+    """(δ, privacy unit, accountant history, reservations) from a ledger file, every value checked (a
+    ledger written before units were recorded counted sessions)."""
     try:
         saved = json.loads(path.read_text())
         delta, history = saved["delta"], [(s, q, n) for s, q, n in saved["history"]]
+        unit = saved.get("unit", "session")
         reserved = {str(run): (s, q, n) for run, (s, q, n) in saved.get("reserved", {}).items()}
     except (ValueError, KeyError, TypeError, AttributeError):
         raise _untrusted(path, "its layout") from None
     if saved.get("accountant") != "rdp":
         raise _untrusted(path, "'accountant'")
+    if unit not in PRIVACY_UNITS:
+        raise _untrusted(path, f"'unit' ({unit!r})")
     if not (_is_number(delta) and 0 < delta <= MAX_DELTA):
         raise _untrusted(path, f"'delta' ({delta!r})")
     if not history and not reserved:
@@ -184,9 +201,18 @@ def _read(path: Path) -> tuple[float, list[Entry], dict[str, Entry]]:
             raise _untrusted(path, f"{name}'s steps ({steps!r})")
     return (
         float(delta),
+        unit,
         [(float(s), float(q), int(n)) for s, q, n in history],
         {run: (float(s), float(q), int(n)) for run, (s, q, n) in reserved.items()},
     )
+
+
+def _same_unit(path: Path, spent: str, asked: str) -> None:
+    if spent != asked:
+        raise FedanomError(
+            f"{path} holds ε spent per {spent}, and ε per {asked} cannot be added to it: train with "
+            f"--privacy-unit {spent}, or start a budget of its own in another --state-dir"
+        )
 
 
 def _is_number(value: object) -> bool:

@@ -1,10 +1,16 @@
 """A merchant's local training of the LoRA adapter, with Opacus DP-SGD by default.
 
 The same loop serves `fedanom train` (a local fit), the federated client (one round's local steps) and
-the simulations' local-only and non-DP baselines. With DP, each step samples sessions with Poisson
-sampling, clips every session's gradient to `max_grad_norm` and adds Gaussian noise; the noise is
-planned from the merchant's ledger so the run fits in its remaining budget, and the ledger records the
-steps actually taken.
+the simulations' local-only and non-DP baselines. With DP, each step samples privacy units with Poisson
+sampling, clips every unit's gradient to `max_grad_norm` and adds Gaussian noise; the noise is planned
+from the merchant's ledger so the run fits in its remaining budget, and the ledger records the steps
+actually taken.
+
+The unit is a session (one scored window) or a shopper. With shoppers, Opacus samples shoppers, its
+hooks compute every window's gradient, and `per_shopper` sums each shopper's before Opacus's optimizer
+clips, noises and averages them as it would any sample: the grouping is the only part that is
+fedanom's, the per-sample gradients, noise and accountant are Opacus's. A shopper with many sessions
+(a heavy user, or a bot) then weighs as one, and ε is what one shopper risks.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,9 +64,52 @@ class _Framed(Dataset[Example]):
         return self.windows.framed(i), float(self.labels[i]) if self.labels is not None else -1.0
 
 
+class _Shoppers(Dataset[list[Example]]):
+    """One item per shopper: their windows (at most `cap`, drawn afresh each time they are sampled, from
+    torch's generator, which the run seeds), the unit of user-level DP-SGD."""
+
+    def __init__(self, windows: Windows, labels: np.ndarray | None, cap: int) -> None:
+        self.framed, self.cap = _Framed(windows, labels), cap
+        _, shopper = np.unique(windows.user.astype(str), return_inverse=True)
+        order = np.argsort(shopper, kind="stable")
+        self.groups = np.split(order, np.flatnonzero(np.diff(shopper[order])) + 1)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, k: int) -> list[Example]:
+        group = self.groups[k]
+        if len(group) > self.cap:
+            group = group[torch.randperm(len(group))[: self.cap].sort().values.numpy()]
+        return [self.framed[int(i)] for i in group]
+
+
+def privacy_units(windows: Windows, settings: TrainSettings) -> int:
+    """How many units DP-SGD samples from: the windows (sessions), or the shoppers they belong to."""
+    return windows.n_windows if settings.privacy_unit == "session" else len(set(windows.user))
+
+
 def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ids, mask = pad_batch([seq for seq, _ in examples])
     return ids, mask, torch.tensor([label for _, label in examples], dtype=torch.float32)
+
+
+def collate_shoppers(shoppers: list[list[Example]]) -> tuple[torch.Tensor, ...]:
+    """The sampled shoppers' windows as one batch, and which shopper (0..k-1) each window is."""
+    ids, mask, labels = collate([example for windows in shoppers for example in windows])
+    owner = torch.tensor([k for k, windows in enumerate(shoppers) for _ in windows], dtype=torch.int64)
+    return ids, mask, labels, owner
+
+
+def per_shopper(model: torch.nn.Module, owner: torch.Tensor, shoppers: int) -> None:
+    """Turn Opacus's per-window gradients into per-shopper ones (each the sum over the shopper's
+    windows), so that its optimizer clips, noises and counts each shopper as one."""
+    for p in model.parameters():
+        grad_sample = getattr(p, "grad_sample", None)
+        if isinstance(grad_sample, torch.Tensor):
+            shape, device = (shoppers, *grad_sample.shape[1:]), grad_sample.device
+            summed = torch.zeros(shape, dtype=grad_sample.dtype, device=device)
+            p.grad_sample = summed.index_add_(0, owner.to(device), grad_sample)  # type: ignore[attr-defined]
 
 
 def sequence_loss(
@@ -86,13 +136,13 @@ def sequence_loss(
 def make_private(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    loader: DataLoader[Example],
+    loader: DataLoader[Any],
     *,
     settings: TrainSettings,
     ledger: PrivacyLedger,
     noise_multiplier: float,
     poisson_sampling: bool = True,
-) -> tuple[GradSampleModule, torch.optim.Optimizer, DataLoader[Example], PrivacyEngine]:
+) -> tuple[GradSampleModule, torch.optim.Optimizer, DataLoader[Any], PrivacyEngine]:
     """Opacus around model/optimizer/loader, its accountant preloaded with the merchant's history."""
     if settings.grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise FedanomError(f"grad sample mode must be one of {', '.join(GRAD_SAMPLE_MODES)}")
@@ -127,16 +177,23 @@ def train_model(
         raise FedanomError("training needs at least 2 sessions")
     if settings.dp and ledger is None:
         raise ValueError("DP training needs a privacy ledger")
+    if settings.dp and ledger is not None and ledger.unit != settings.privacy_unit:
+        raise FedanomError(f"this privacy ledger counts ε per {ledger.unit}, not per {settings.privacy_unit}")
     # Opacus's secure_mode needs torchcsprng, which has no build for this torch: a fresh 64-bit seed from
     # the OS per run makes the noise unpredictable instead (the issue's "at least" option)
     torch.manual_seed(settings.seed if settings.seed is not None else secrets.randbits(64))
     started = time.perf_counter()
     n = windows.n_windows
-    batch_size = min(settings.batch_size, n)
-    steps = settings.steps_for(n)
-    loader: DataLoader[Example] = DataLoader(
-        _Framed(windows, labels), batch_size=batch_size, shuffle=True, collate_fn=collate
-    )
+    by_user = settings.dp and settings.privacy_unit == "user"
+    units = privacy_units(windows, settings) if settings.dp else n
+    batch_size = min(settings.batch_size, units)
+    steps = settings.steps_for(units)
+    loader: DataLoader[Any]
+    if by_user:
+        shoppers = _Shoppers(windows, labels, settings.max_windows_per_user)
+        loader = DataLoader(shoppers, batch_size=batch_size, shuffle=True, collate_fn=collate_shoppers)
+    else:
+        loader = DataLoader(_Framed(windows, labels), batch_size=batch_size, shuffle=True, collate_fn=collate)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=settings.learning_rate)
     engine = None
@@ -155,7 +212,7 @@ def train_model(
     losses = []
     taken = 0
     try:
-        for ids, mask, known in _forever(loader):
+        for ids, mask, known, *owner in _forever(loader):
             if taken == steps:
                 break
             if ids.numel() == 0:  # an empty Poisson sample: nothing to release, no step taken
@@ -163,6 +220,8 @@ def train_model(
             loss = sequence_loss(train_model, ids.to(device), mask.to(device), known.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if owner:
+                per_shopper(train_model, owner[0], int(owner[0].max()) + 1)
             optimizer.step()
             losses.append(loss.item())
             taken += 1
@@ -184,6 +243,6 @@ def train_model(
     return report
 
 
-def _forever(loader: DataLoader[Example]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _forever(loader: DataLoader[Any]) -> Iterator[tuple[torch.Tensor, ...]]:
     while True:
         yield from loader
