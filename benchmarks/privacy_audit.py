@@ -4,9 +4,9 @@
 
 For each shop, shoppers are split at random into members (their sessions train the adapter) and
 non-members (same shop, never trained on). The adapter is trained with today's defaults (`TrainSettings`,
-session-level DP-SGD, δ = 1/training sessions) at each ε and without DP, on the backbone a simulation
-pretrains on a separate synthetic public shop. Two attacks then guess who was a member, from each
-shopper's mean per-event surprise (NLL) over their sessions:
+δ = 1/training units) without DP and at each ε, once per privacy unit (a session, or a shopper with all
+their sessions), on the backbone a simulation pretrains on a separate synthetic public shop. Two attacks
+then guess who was a member, from each shopper's mean per-event surprise (NLL) over their sessions:
 
 - **loss threshold** (Yeom et al.): a member's sessions are less surprising to the trained model;
 - **calibrated likelihood ratio** (offline, per example; Watson et al.'s difficulty calibration, the
@@ -42,10 +42,10 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.privacy import PrivacyLedger
 from fedanom.common.detector.scoring import event_surprise
-from fedanom.common.detector.training import train_model
+from fedanom.common.detector.training import privacy_units, train_model
 from fedanom.common.ingest import ingest
 from fedanom.common.presets import resolve_preset
-from fedanom.common.settings import BackboneConfig, TrainSettings
+from fedanom.common.settings import PRIVACY_UNITS, BackboneConfig, TrainSettings
 from fedanom.common.tokens import Popularity
 from fedanom.common.windows import Windows
 from fedanom.simulations.shop import ShopConfig, generate_shop, write_taobao_csv
@@ -118,18 +118,27 @@ def audit(
     training = windows.select(np.array([u in members for u in windows.user]))
     kind = np.array([groups.get(u, "shopper") for u in users])
     results: dict[str, Any] = {"users": len(users), "training_sessions": training.n_windows, "settings": {}}
-    for epsilon in [None, *epsilons]:
+    runs: list[tuple[float | None, str]] = [(None, "session")]
+    runs += [(epsilon, unit) for epsilon in epsilons for unit in PRIVACY_UNITS]
+    for epsilon, unit in runs:
         detector = BehaviourDetector.from_backbone(base, popularity, device="cpu")
         before = per_user_loss(detector.model, windows, users)  # zero adapter: the reference model
-        settings = TrainSettings(dp=epsilon is not None, seed=seed)
+        settings = TrainSettings(dp=epsilon is not None, seed=seed, privacy_unit=unit)
         ledger = None
         if epsilon is not None:
-            state = work / f"ledger-{epsilon:g}"
-            ledger = PrivacyLedger.open(state, epsilon_budget=epsilon, delta=1.0 / training.n_windows)
+            delta = 1.0 / privacy_units(training, settings)
+            state = work / f"ledger-{epsilon:g}-{unit}"
+            ledger = PrivacyLedger.open(state, epsilon_budget=epsilon, delta=delta, unit=unit)
         report = train_model(detector.model, training, settings, ledger=ledger)
         after = per_user_loss(detector.model, windows, users)
-        name = "no DP" if epsilon is None else f"ε={epsilon:g}"
-        row: dict[str, Any] = {"epsilon_spent": report.epsilon_spent, "steps": report.steps}
+        name = "no DP" if epsilon is None else f"ε={epsilon:g} per {unit}"
+        row: dict[str, Any] = {
+            "epsilon_spent": report.epsilon_spent,
+            "delta": report.delta,
+            "noise_multiplier": report.noise_multiplier,
+            "steps": report.steps,
+            "seconds": report.seconds,
+        }
         for who in ["all", *sorted(set(groups.values()))]:
             pick = np.ones(len(users), bool) if who == "all" else kind == who
             row[who] = {
