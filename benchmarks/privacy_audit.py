@@ -16,7 +16,7 @@ then guess who was a member, from each shopper's mean per-event surprise (NLL) o
 Reported as the attack's AUC and its true-positive rate at 1% false positives. Shops:
 
 - a synthetic shop with planted **canary shoppers**: each repeats one random, improbable session (random
-  event types, items and pace), once (`canary-1`) or ten times (`canary-10`); half of each group are
+  event types, items and pace), once (`canary-1`) or twenty times (`canary-20`); half of each group are
   members. Canaries are the worst case an audit can plant: unique, and under session-level DP a shopper
   with ten sessions is protected as ten units, not one;
 - the real REES46 sample in ../shared/data (no canaries).
@@ -56,16 +56,17 @@ CANARIES = 100  # per group: half members, half not
 CANARY_EVENTS = 12
 CANARY_GAPS_S = (2, 20, 200)
 CANARY_USER = 10_000_000  # canary user ids start here
+CANARY_REPEATS = 20  # the heavy canaries' sessions: the same improbable session, this many times
 
 
 def canary_shop(seed: int) -> tuple[pd.DataFrame, dict[str, str]]:
     """A synthetic shop with canary shoppers planted in it, and each canary's group by user id."""
-    shop = generate_shop(ShopConfig(n_events=40_000, n_users=4_000, n_items=10_000), seed=seed)
+    shop = generate_shop(ShopConfig(n_events=20_000, n_users=2_000, n_items=10_000), seed=seed)
     rng = np.random.default_rng(seed + 1)
     start, end = int(shop.timestamp.min()), int(shop.timestamp.max())
     rows, groups = [], {}
     for c in range(2 * CANARIES):
-        repeats = 1 if c < CANARIES else 10
+        repeats = 1 if c < CANARIES else CANARY_REPEATS
         user = CANARY_USER + c
         groups[str(user)] = f"canary-{repeats}"
         kinds = rng.choice(["pv", "cart", "fav", "buy"], CANARY_EVENTS)

@@ -21,7 +21,7 @@ from fedanom.client.merchant import Merchant, keep_reply
 from fedanom.common.detector.artifact import load_backbone
 from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.model import HEAD, attach_lora, trainable_state
-from fedanom.common.detector.privacy import PrivacyLedger
+from fedanom.common.detector.privacy import PrivacyLedger, UnitMismatch
 from fedanom.common.detector.scoring import DEFAULT_AGGREGATION
 from fedanom.common.detector.training import privacy_units, train_model
 from fedanom.common.errors import FedanomError
@@ -78,9 +78,15 @@ def train_round(
     rounds_left = int(number(config, "num-server-rounds")) - this_round + 1
     ledger = None  # without DP (simulate's research comparison only) nothing is spent
     if settings.dp:
-        ledger = PrivacyLedger.open(
-            merchant.state_dir, epsilon_budget=merchant.epsilon, delta=1.0 / units, unit=settings.privacy_unit
-        )
+        try:
+            ledger = PrivacyLedger.open(
+                merchant.state_dir,
+                epsilon_budget=merchant.epsilon,
+                delta=1.0 / units,
+                unit=settings.privacy_unit,
+            )
+        except UnitMismatch as exc:  # the federation's unit is not the one this merchant's ε was spent in
+            raise PolicyRefused(str(exc)) from None
         refusal = policy.refusal(dp=dp, epsilon_budget=merchant.epsilon, delta=ledger.delta)
         if refusal:
             raise PolicyRefused(refusal)
@@ -102,6 +108,7 @@ def train_round(
         "noise-multiplier": report.noise_multiplier or 0.0,
         "sample-rate": report.sample_rate or 0.0,
         "steps": float(report.steps),
+        "user-level": float(ledger is not None and ledger.unit == "user"),
     }
     update = {name: p.detach().cpu().numpy() for name, p in model.named_parameters() if name in sent}
     # kept before it is sent, wherever this runs: a round asked again gets it back without new spending

@@ -29,18 +29,20 @@ class PrivacyPolicy:
     require_dp: bool = False
     max_epsilon: float = 0.0  # 0: no bound beyond DP itself
     max_delta: float = 0.0  # 0: no bound
+    privacy_unit: str = ""  # what DP must count as one (the federation's privacy-unit); "": not a term
 
     @classmethod
     def from_config(cls, config: Mapping[str, object]) -> PrivacyPolicy:
         from fedanom.common.records import flag, number  # Flower's: not loaded where the command line starts
 
-        terms = {
-            key: config.get(key, RUN_DEFAULTS[key]) for key in ("require-dp", "max-epsilon", "max-delta")
-        }
+        keys = ("require-dp", "max-epsilon", "max-delta", "privacy-unit")
+        terms = {key: config.get(key, RUN_DEFAULTS[key]) for key in keys}
+        require_dp = flag(terms, "require-dp")
         policy = cls(  # a server of an earlier version states none: no policy
-            require_dp=flag(terms, "require-dp"),
+            require_dp=require_dp,
             max_epsilon=number(terms, "max-epsilon"),
             max_delta=number(terms, "max-delta"),
+            privacy_unit=str(terms["privacy-unit"]) if require_dp else "",
         )
         if not (0 <= policy.max_epsilon < math.inf and 0 <= policy.max_delta < 1):  # NaN fails too
             raise FedanomError(f"the privacy policy {asdict(policy)} is not one: bounds must be ≥ 0, δ < 1")
@@ -67,6 +69,10 @@ class PrivacyPolicy:
             return None
         if metrics["noise-multiplier"] <= 0:
             return "its accountant reports no DP noise, and the federation requires DP"
+        if self.privacy_unit and bool(metrics["user-level"]) != (self.privacy_unit == "user"):
+            counted = "a shopper" if metrics["user-level"] else "a session"
+            unit = self.privacy_unit
+            return f"its accountant counted {counted} as the unit, and the federation's policy is per {unit}"
         spent = max(metrics["epsilon"], metrics["epsilon-budget"])
         if self.max_epsilon and spent > self.max_epsilon:
             return (

@@ -21,7 +21,8 @@ from fedanom.common.settings import RUN_DEFAULTS, LoraSettings
 # A merchant's accountant, after the round: its whole budget, what it has spent so far ("epsilon"), its δ,
 # and this round's noise multiplier, Poisson sampling rate and steps (0 noise: trained without DP); the
 # server checks them against the federation's privacy policy (`common.policy`).
-ACCOUNTANT_METRICS = ("epsilon-budget", "delta", "noise-multiplier", "sample-rate", "steps")
+# "user-level": 1 when the unit DP counted was a shopper, 0 for a session
+ACCOUNTANT_METRICS = ("epsilon-budget", "delta", "noise-multiplier", "sample-rate", "steps", "user-level")
 BASE_TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "train-seconds")  # every version sends these
 TRAIN_METRICS = (*BASE_TRAIN_METRICS, *ACCOUNTANT_METRICS)
 EVALUATE_METRICS = (

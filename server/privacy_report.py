@@ -45,7 +45,11 @@ def epsilon_by_round(run_dir: Path) -> tuple[list[int], dict[str, dict[int, floa
 def table(rounds: list[int], spent: dict[str, dict[int, float | str]], policy: dict[str, Any]) -> Table:
     """Merchants by rounds: ε spent after each, or why the merchant was left out."""
     terms = ["DP required"] if policy else ["no privacy policy"]
-    terms += [f"{k.replace('_', ' ')} {v:g}" for k, v in policy.items() if v and k != "require_dp"]
+    terms += [
+        f"{k.replace('_', ' ')} {v:g}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
+        for k, v in policy.items()
+        if v and k != "require_dp"
+    ]
     out = Table(title=f"ε spent per merchant ({', '.join(terms)})")
     out.add_column("merchant")
     for r in rounds:

@@ -39,6 +39,7 @@ RANGES = {
     "noise-multiplier": (0.0, math.inf),
     "sample-rate": (0.0, 1.0),
     "steps": (0.0, math.inf),
+    "user-level": (0.0, 1.0),
     "val-surprise": (0.0, math.inf),
     "val-auroc": (0.0, 1.0),
     "val-auprc": (0.0, 1.0),

@@ -133,6 +133,7 @@ GOOD_METRICS = {
     "noise-multiplier": 1.1,
     "sample-rate": 0.5,
     "steps": 2.0,
+    "user-level": 0.0,
 }
 ANY = PrivacyPolicy()
 
@@ -199,12 +200,13 @@ def test_a_merchant_of_an_earlier_version_takes_part_unless_a_policy_wants_its_a
         ({"epsilon": 4.5}, "its accountant reports ε=4.5, above the federation's maximum ε=4"),
         ({"noise-multiplier": 0.0}, "reports no DP noise, and the federation requires DP"),
         ({"delta": 0.02}, "δ=0.02 is above the federation's maximum δ=0.01"),
+        ({"user-level": 1.0}, "counted a shopper as the unit, and the federation's policy is per session"),
     ],
 )
 def test_a_train_reply_that_breaks_the_privacy_policy_is_refused(
     change: dict[str, float], reason: str
 ) -> None:
-    policy = PrivacyPolicy(require_dp=True, max_epsilon=4.0, max_delta=0.01)
+    policy = PrivacyPolicy(require_dp=True, max_epsilon=4.0, max_delta=0.01, privacy_unit="session")
     assert train_reply(reply(train_content(GOOD_METRICS, GOOD_ARRAYS)), policy)[1] == GOOD_METRICS
     with pytest.raises(BadReply, match=re.escape(reason)):
         train_reply(reply(train_content({**GOOD_METRICS, **change}, GOOD_ARRAYS)), policy)

@@ -124,6 +124,7 @@ def test_one_dp_step_changes_the_adapter_and_only_b_under_ffa() -> None:
     before = trainable_state(model)
     assert before and all("lora_B" in n for n in before)
     ledger = PrivacyLedger(epsilon_budget=8.0, delta=1e-3)
+    model.eval()  # as scoring leaves it: Opacus wants training mode, which training sets
     report = train_model(model, toy_windows(200), TrainSettings(epochs=0.01, batch_size=16), ledger=ledger)
     assert report.steps == 1
     after = trainable_state(model)

@@ -207,9 +207,13 @@ def _read(path: Path) -> tuple[float, str, list[Entry], dict[str, Entry]]:
     )
 
 
+class UnitMismatch(FedanomError):
+    """The ledger counts ε in one privacy unit and a run asks to spend it in another."""
+
+
 def _same_unit(path: Path, spent: str, asked: str) -> None:
     if spent != asked:
-        raise FedanomError(
+        raise UnitMismatch(
             f"{path} holds ε spent per {spent}, and ε per {asked} cannot be added to it: train with "
             f"--privacy-unit {spent}, or start a budget of its own in another --state-dir"
         )

@@ -201,6 +201,7 @@ def train_model(
     run = ""
     rate = 1.0 / len(loader)  # Opacus's Poisson loader samples at 1 / len(loader), not batch_size / n
     train_model: torch.nn.Module = model
+    model.train()  # Opacus refuses a model in eval mode, which scoring before training leaves it in
     if settings.dp:
         assert ledger is not None
         # a federation plans for every round still to come, so one round cannot spend the whole budget
@@ -208,7 +209,6 @@ def train_model(
         train_model, optimizer, loader, engine = make_private(
             model, optimizer, loader, settings=settings, ledger=ledger, noise_multiplier=noise
         )
-    train_model.train()
     losses = []
     taken = 0
     try:
