@@ -96,18 +96,8 @@ def test_dp_gradient_is_the_mean_of_per_example_gradients(
     expected = [torch.stack(g).mean(0) for g in zip(*per_example, strict=True)]
 
     loader: DataLoader[Example] = DataLoader(batch, batch_size=len(batch), collate_fn=collate)  # type: ignore[arg-type]
-    ledger = PrivacyLedger(epsilon_budget=8.0, delta=1e-5)
     settings = TrainSettings(max_grad_norm=1e6, grad_sample_mode=mode)
-    optimizer = torch.optim.SGD(params, lr=0.0)
-    dp_model, dp_optimizer, dp_loader, _ = make_private(
-        model,
-        optimizer,
-        loader,
-        settings=settings,
-        ledger=ledger,
-        noise_multiplier=0.0,
-        poisson_sampling=False,
-    )
+    dp_model, dp_optimizer, dp_loader = noiseless(model, params, loader, settings)
     ids, mask, known = (t.to(device) for t in next(iter(dp_loader)))
     sequence_loss(dp_model, ids, mask, known).backward()
     dp_optimizer.step()
@@ -248,6 +238,23 @@ def test_an_implausible_ledger_refuses_training_and_is_left_as_it_was(
     assert path.read_text() == before
 
 
+def noiseless(
+    model: torch.nn.Module, params: list[torch.nn.Parameter], loader: DataLoader[Any], settings: TrainSettings
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader[Any]]:
+    """Opacus around the model with no noise and fixed batches: its arithmetic alone, checked exactly."""
+    ledger = PrivacyLedger(epsilon_budget=8.0, delta=1e-5, unit=settings.privacy_unit)
+    private = make_private(
+        model,
+        torch.optim.SGD(params, lr=0.0),
+        loader,
+        settings=settings,
+        ledger=ledger,
+        noise_multiplier=0.0,
+        poisson_sampling=False,
+    )
+    return private[0], private[1], private[2]
+
+
 def shoppers_model() -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     model = attach_lora(build_backbone(TINY, seed=1), LoraSettings(rank=4))
     with torch.no_grad():  # B non-zero: every adapter value has a non-trivial gradient
@@ -271,18 +278,8 @@ def test_a_shoppers_dp_gradient_is_the_sum_of_their_windows_gradients() -> None:
         [sum(per_window[i][k] for i in group) for k in range(len(params))] for group in shoppers.groups
     ]
     loader: DataLoader[Any] = DataLoader(shoppers, batch_size=3, collate_fn=collate_shoppers)
-    ledger = PrivacyLedger(epsilon_budget=8.0, delta=1e-5, unit="user")
     settings = TrainSettings(max_grad_norm=1e6, privacy_unit="user")
-    optimizer = torch.optim.SGD(params, lr=0.0)
-    dp_model, dp_optimizer, dp_loader, _ = make_private(
-        model,
-        optimizer,
-        loader,
-        settings=settings,
-        ledger=ledger,
-        noise_multiplier=0.0,
-        poisson_sampling=False,
-    )
+    dp_model, dp_optimizer, dp_loader = noiseless(model, params, loader, settings)
     ids, mask, known, owner = next(iter(dp_loader))
     sequence_loss(dp_model, ids, mask, known).backward()
     per_shopper(dp_model, owner, 3)
@@ -305,17 +302,8 @@ def test_each_shoppers_contribution_is_clipped_to_the_bound() -> None:
     loader: DataLoader[Any] = DataLoader(
         _Shoppers(windows, None, cap=8), batch_size=1, collate_fn=collate_shoppers
     )
-    ledger = PrivacyLedger(epsilon_budget=8.0, delta=1e-5, unit="user")
     settings = TrainSettings(max_grad_norm=0.01, privacy_unit="user")
-    dp_model, dp_optimizer, dp_loader, _ = make_private(
-        model,
-        torch.optim.SGD(params, lr=0.0),
-        loader,
-        settings=settings,
-        ledger=ledger,
-        noise_multiplier=0.0,
-        poisson_sampling=False,
-    )
+    dp_model, dp_optimizer, dp_loader = noiseless(model, params, loader, settings)
     for ids, mask, known, owner in dp_loader:
         dp_optimizer.zero_grad(set_to_none=True)
         sequence_loss(dp_model, ids, mask, known).backward()
