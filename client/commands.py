@@ -80,6 +80,15 @@ def train(
 ) -> None:
     """Fit a detector on this merchant's own events, with DP: adapter + calibration, saved to --out."""
     session = session_config(session_gap, window)
+    train = TrainSettings(  # a mistake in these is said before the export is read
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        max_grad_norm=max_grad_norm,
+        dp=not no_dp,
+        privacy_unit=privacy_unit,
+        max_windows_per_user=max_windows_per_user,
+    )
     ingested = source.read(default_quarantine=out.with_name(out.name + ".quarantine.csv"), config=session)
     windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
     known = read_labels(labels, windows) if labels else None
@@ -98,15 +107,7 @@ def train(
             targets=tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip()),
             ffa=not full_lora,
         ),
-        train=TrainSettings(
-            epochs=epochs,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            max_grad_norm=max_grad_norm,
-            dp=not no_dp,
-            privacy_unit=privacy_unit,
-            max_windows_per_user=max_windows_per_user,
-        ),
+        train=train,
         session=session,
         epsilon=epsilon,
         delta=delta,

@@ -27,7 +27,7 @@ from fedanom.common.detector.training import privacy_units, train_model
 from fedanom.common.errors import FedanomError
 from fedanom.common.labels import read_labels
 from fedanom.common.policy import PolicyRefused, PrivacyPolicy
-from fedanom.common.records import SCORE_HEAD, Metrics, flag, lora_settings, number, text
+from fedanom.common.records import SCORE_HEAD, USER_LEVEL, Metrics, flag, lora_settings, number, text
 from fedanom.common.sessions import SessionConfig
 from fedanom.common.settings import ALERT_RATE, TrainSettings
 
@@ -108,7 +108,7 @@ def train_round(
         "noise-multiplier": report.noise_multiplier or 0.0,
         "sample-rate": report.sample_rate or 0.0,
         "steps": float(report.steps),
-        "user-level": float(ledger is not None and ledger.unit == "user"),
+        USER_LEVEL: float(ledger is not None and ledger.unit == "user"),
     }
     update = {name: p.detach().cpu().numpy() for name, p in model.named_parameters() if name in sent}
     # kept before it is sent, wherever this runs: a round asked again gets it back without new spending

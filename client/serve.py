@@ -131,14 +131,13 @@ class Service:
         """A recently ended session's final answer (however it ended: by hand, by its gap, idle), or
         how many events an open one holds: an idle session's final reaches the client this way."""
         session_id = request.path_params["session_id"]
+        events = await self.batcher.run(self.live.size, session_id)  # between passes: it may end in one
+        if events is not None:  # open (again, if its id was reused after it ended)
+            return JSONResponse({"session_id": session_id, "ended": None, "events": events})
         if session_id in self.finals:
             final, how = self.finals[session_id]
             return JSONResponse({**final.as_json(), "ended": how})
-        key = self.live.by_id.get(session_id)
-        if key is None:
-            raise RequestError(404, f"no open or recently ended session '{session_id}'")
-        events = self.live.sessions[key].events.num_rows
-        return JSONResponse({"session_id": session_id, "ended": None, "events": events})
+        raise RequestError(404, f"no open or recently ended session '{session_id}'")
 
     async def reload(self, request: Request) -> Response:
         try:

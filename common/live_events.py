@@ -47,6 +47,8 @@ def parse_body(body: bytes, content_type: str) -> list[Any]:
         parsed = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadBody(f"the body is not JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:  # a body of nothing but brackets
+        raise BadBody("the body nests JSON deeper than any event does") from None
     return parsed if isinstance(parsed, list) else [parsed]
 
 

@@ -69,8 +69,9 @@ class PrivacyPolicy:
             return None
         if metrics["noise-multiplier"] <= 0:
             return "its accountant reports no DP noise, and the federation requires DP"
-        if self.privacy_unit and bool(metrics["user-level"]) != (self.privacy_unit == "user"):
-            counted = "a shopper" if metrics["user-level"] else "a session"
+        user_level = bool(metrics.get("user-level", 0.0))  # an earlier version counted sessions
+        if self.privacy_unit and user_level != (self.privacy_unit == "user"):
+            counted = "a shopper" if user_level else "a session"
             unit = self.privacy_unit
             return f"its accountant counted {counted} as the unit, and the federation's policy is per {unit}"
         spent = max(metrics["epsilon"], metrics["epsilon-budget"])

@@ -21,10 +21,12 @@ from fedanom.common.settings import RUN_DEFAULTS, LoraSettings
 # A merchant's accountant, after the round: its whole budget, what it has spent so far ("epsilon"), its δ,
 # and this round's noise multiplier, Poisson sampling rate and steps (0 noise: trained without DP); the
 # server checks them against the federation's privacy policy (`common.policy`).
-# "user-level": 1 when the unit DP counted was a shopper, 0 for a session
-ACCOUNTANT_METRICS = ("epsilon-budget", "delta", "noise-multiplier", "sample-rate", "steps", "user-level")
+ACCOUNTANT_METRICS = ("epsilon-budget", "delta", "noise-multiplier", "sample-rate", "steps")
 BASE_TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "train-seconds")  # every version sends these
-TRAIN_METRICS = (*BASE_TRAIN_METRICS, *ACCOUNTANT_METRICS)
+# 1 when the unit DP counted was a shopper, 0 for a session; a merchant of an earlier version counted
+# sessions and does not say so
+USER_LEVEL = "user-level"
+TRAIN_METRICS = (*BASE_TRAIN_METRICS, *ACCOUNTANT_METRICS, USER_LEVEL)
 EVALUATE_METRICS = (
     "num-examples",
     "val-surprise",

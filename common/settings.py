@@ -76,6 +76,10 @@ class TrainSettings:
             raise FedanomError(
                 f"the privacy unit must be one of {', '.join(PRIVACY_UNITS)}, not {self.privacy_unit}"
             )
+        if self.batch_size < 1 or not self.epochs > 0:
+            raise FedanomError(
+                f"the batch size ({self.batch_size}) and epochs ({self.epochs:g}) must be positive"
+            )
         if self.max_windows_per_user < 1:
             raise FedanomError(
                 f"a shopper's windows per draw must be at least 1, not {self.max_windows_per_user}"

@@ -17,6 +17,7 @@ from flwr.common.constant import ErrorCode
 
 from fedanom.common.policy import PrivacyPolicy
 from fedanom.common.records import (
+    ACCOUNTANT_METRICS,
     BASE_TRAIN_METRICS,
     EVALUATE_METRICS,
     FAILURES,
@@ -92,7 +93,8 @@ def train_reply(msg: Message, policy: PrivacyPolicy) -> tuple[Update, dict[str, 
     that breaks the federation's privacy policy)."""
     # the accountant's summary is checked where a policy asks for it (a merchant of an earlier version
     # sends none, and takes part in a federation without one)
-    metrics = metrics_of(msg, TRAIN_METRICS if policy.require_dp else BASE_TRAIN_METRICS, TRAIN_METRICS)
+    required = (*BASE_TRAIN_METRICS, *ACCOUNTANT_METRICS) if policy.require_dp else BASE_TRAIN_METRICS
+    metrics = metrics_of(msg, required, TRAIN_METRICS)
     violation = policy.violation(metrics)
     if violation:
         raise BadReply(violation)

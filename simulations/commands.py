@@ -87,6 +87,7 @@ def simulate(
     count = len(shop_events) if not sources else merchants if partition_spec else len(sources)
     if not 0 <= unlabelled <= count:
         raise FedanomError(f"--unlabelled {unlabelled}: choose between 0 and the {count} merchants")
+    TrainSettings(privacy_unit=privacy_unit)  # a unit that is not one, said before anything runs
     from fedanom.simulations.study import (  # the model stack and Flower, once options are good
         Study,
         run_study,

@@ -172,7 +172,7 @@ class _StudyProgress:
             name, done = self.name, self.done
             if name.startswith("federated"):
                 ended = _ended_rounds(self.work / name / "rounds.jsonl")
-                last = f", last accepted {len(ended[-1]['accepted'])} updates" if ended else ""
+                last = f", last accepted {len(ended[-1].get('accepted', []))} updates" if ended else ""
                 current = min(len(ended) + 1, self.rounds)
                 self.bar.update(
                     self.task,
@@ -200,6 +200,6 @@ def _progress(console: Console, study: Study, work: Path) -> Iterator[Callable[[
 def _ended_rounds(log: Path) -> list[dict[str, Any]]:
     try:
         lines = log.read_text().split("\n")[:-1]  # a line still being written has no newline yet
-        return [json.loads(line) for line in lines]
+        return [record for record in map(json.loads, lines) if isinstance(record, dict)]
     except (OSError, ValueError):
         return []

@@ -208,6 +208,10 @@ def test_a_train_reply_that_breaks_the_privacy_policy_is_refused(
 ) -> None:
     policy = PrivacyPolicy(require_dp=True, max_epsilon=4.0, max_delta=0.01, privacy_unit="session")
     assert train_reply(reply(train_content(GOOD_METRICS, GOOD_ARRAYS)), policy)[1] == GOOD_METRICS
+    unsaid = {
+        k: v for k, v in GOOD_METRICS.items() if k != "user-level"
+    }  # an earlier version counted sessions
+    assert train_reply(reply(train_content(unsaid, GOOD_ARRAYS)), policy)[1] == unsaid
     with pytest.raises(BadReply, match=re.escape(reason)):
         train_reply(reply(train_content({**GOOD_METRICS, **change}, GOOD_ARRAYS)), policy)
 

@@ -197,6 +197,11 @@ class LiveSessions:
             list(zip(ended_at, finals, strict=True)),
         )
 
+    def size(self, session_id: str) -> int | None:
+        """How many events the open session holds; None if no such session is open."""
+        key = self.by_id.get(session_id)
+        return None if key is None else self.sessions[key].events.num_rows
+
     def end(self, session_id: str) -> Scored | None:
         """The session's final score, its memory freed; None if no such session is open."""
         key = self.by_id.get(session_id)
