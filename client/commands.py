@@ -43,7 +43,10 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Detector directory to write.")],
     epsilon: EpsilonOption = EPSILON,
     delta: Annotated[
-        float | None, typer.Option("--delta", help="δ (default 1/training sessions; fixed at first use).")
+        float | None,
+        typer.Option(
+            "--delta", help="δ (default 1 / training units, sessions or shoppers; fixed at first use)."
+        ),
     ] = None,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without differential privacy.")] = False,
     privacy_unit: PrivacyUnitOption = TrainSettings.privacy_unit,
