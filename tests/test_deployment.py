@@ -173,7 +173,12 @@ def test_the_resumed_run_finishes_without_losing_a_round(deployment: Path) -> No
 def test_a_merchant_over_the_operators_privacy_terms_refuses_and_the_others_train(deployment: Path) -> None:
     log = [json.loads(line) for line in (deployment / "run" / "rounds.jsonl").read_text().splitlines()]
     for r in log:
-        assert r["policy"] == {"require_dp": True, "max_epsilon": 8.0, "max_delta": 0.0}
+        assert r["policy"] == {
+            "require_dp": True,
+            "max_epsilon": 8.0,
+            "max_delta": 0.0,
+            "privacy_unit": "session",
+        }
         assert all(0 < c["epsilon"] <= c["epsilon-budget"] == 8.0 for c in r["clients"].values())
     # round 1 waited for all five merchants (the resumed round 2 starts with the first three back)
     assert (

@@ -333,7 +333,12 @@ def test_a_spent_budget_is_answered_not_overdrawn(federation: Path) -> None:
     first = simulate(federation, "budget-1", merchants, "budget", epsilon=1.0, **policy)
     assert all(len(r["accepted"]) == 3 for r in first)
     (logged,) = first
-    assert logged["policy"] == {"require_dp": True, "max_epsilon": 4.0, "max_delta": 0.0}
+    assert logged["policy"] == {
+        "require_dp": True,
+        "max_epsilon": 4.0,
+        "max_delta": 0.0,
+        "privacy_unit": "session",
+    }
     for summary in logged["clients"].values():  # each merchant's accountant, as the server checked it
         assert 0 < summary["epsilon"] <= summary["epsilon-budget"] == 1.0
         assert summary["noise-multiplier"] > 0 and 0 < summary["sample-rate"] <= 1 and summary["steps"] >= 1
