@@ -14,6 +14,7 @@ import ctypes
 import ipaddress
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -78,11 +79,38 @@ def check_transport(host: str, *, insecure: bool, has_certificates: bool) -> boo
     return True
 
 
+EPHEMERAL_LOW = 32_768  # where Linux starts outgoing connections source ports (unless /proc says otherwise)
+PORTS_BELOW_EPHEMERAL = 12_000  # how far below that range a free port is drawn
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now (for local SuperNodes, tests, benchmarks)."""
-    with socket.socket() as s:
+    """A TCP port on loopback that nothing listens on right now (for local SuperNodes, tests, benchmarks).
+    Drawn at random below the kernel's ephemeral range: a port the kernel chose (bind to 0) comes from the
+    range every outgoing connection takes its source port from, and one did take a SuperNode's port
+    between the pick and the bind (a test run's 'address already in use')."""
+    low = _ephemeral_low()
+    draw = random.SystemRandom()
+    for _ in range(100):
+        port = draw.randrange(max(1_024, low - PORTS_BELOW_EPHEMERAL), low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # that whole stretch is taken: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return EPHEMERAL_LOW
 
 
 def wait_for_port(host: str, port: int, *, seconds: float, what: str) -> None:
