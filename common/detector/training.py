@@ -70,7 +70,7 @@ class _Shoppers(Dataset[list[Example]]):
 
     def __init__(self, windows: Windows, labels: np.ndarray | None, cap: int) -> None:
         self.framed, self.cap = _Framed(windows, labels), cap
-        _, shopper = np.unique(windows.user.astype(str), return_inverse=True)
+        shopper = _shopper_of(windows)
         order = np.argsort(shopper, kind="stable")
         self.groups = np.split(order, np.flatnonzero(np.diff(shopper[order])) + 1)
 
@@ -86,7 +86,14 @@ class _Shoppers(Dataset[list[Example]]):
 
 def privacy_units(windows: Windows, settings: TrainSettings) -> int:
     """How many units DP-SGD samples from: the windows (sessions), or the shoppers they belong to."""
-    return windows.n_windows if settings.privacy_unit == "session" else len(set(windows.user))
+    if settings.privacy_unit == "session" or windows.n_windows == 0:
+        return windows.n_windows
+    return int(_shopper_of(windows).max()) + 1
+
+
+def _shopper_of(windows: Windows) -> np.ndarray:
+    """Each window's shopper, numbered 0..shoppers-1: the one grouping the sampling and the count share."""
+    return np.unique(windows.user.astype(str), return_inverse=True)[1]
 
 
 def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
