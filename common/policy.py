@@ -7,17 +7,21 @@ log. Every train reply carries the merchant's accountant summary (`records.ACCOU
 server checks it against the same terms before averaging (`server.replies`) and logs it per merchant per
 round in `rounds.jsonl`, so a merchant that claims to conform and does not is left out, with its reason.
 
-Torch- and Flower-free: the server, the ClientApp and the command line read it.
+Torch- and Flower-free where the command line and the ClientApp read it; only the server's check of a
+summary's ε loads Opacus's accountant.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from fedanom.common.errors import FedanomError
 from fedanom.common.settings import RUN_DEFAULTS
+
+EPSILON_TOLERANCE = 1e-6  # relative: the merchant's accountant and the server's round differently
 
 
 class PolicyRefused(FedanomError):
@@ -74,6 +78,9 @@ class PrivacyPolicy:
             counted = "a shopper" if user_level else "a session"
             unit = self.privacy_unit
             return f"its accountant counted {counted} as the unit, and the federation's policy is per {unit}"
+        understated = _understated(metrics)
+        if understated:
+            return understated
         spent = max(metrics["epsilon"], metrics["epsilon-budget"])
         if self.max_epsilon and spent > self.max_epsilon:
             return (
@@ -85,3 +92,32 @@ class PrivacyPolicy:
         if self.max_delta and delta is not None and delta > self.max_delta:
             return f"this merchant's δ={delta:.3g} is above the federation's maximum δ={self.max_delta:.3g}"
         return None
+
+
+def _understated(metrics: Mapping[str, float]) -> str | None:
+    """Why a summary's ε cannot be true: less than this round's own noise, sampling rate and steps spend
+    at its δ (Opacus's RDP accountant, as a merchant's ledger counts them; ε over all rounds is never
+    less than one round's). So a merchant cannot claim a smaller ε than its own noise gives."""
+    from opacus.accountants import RDPAccountant  # torch: only the server's check needs it
+
+    from fedanom.common.detector.privacy import MAX_NOISE
+
+    sigma, rate, steps = metrics["noise-multiplier"], metrics["sample-rate"], int(metrics["steps"])
+    if sigma > MAX_NOISE:  # no ledger plans more (and Opacus's analysis would take unbounded time)
+        return f"its accountant reports a noise multiplier of {sigma:.4g}, more than a ledger plans"
+    if rate == 0 or steps < 1:  # nothing trained this round: nothing to recompute
+        return None
+    accountant = RDPAccountant()
+    accountant.history = [(sigma, rate, steps)]
+    try:
+        with warnings.catch_warnings():  # an absurd δ gives inf, which fails below
+            warnings.simplefilter("ignore")
+            floor = accountant.get_epsilon(metrics["delta"])
+    except (ArithmeticError, ValueError):
+        floor = math.inf
+    if metrics["epsilon"] >= floor * (1 - EPSILON_TOLERANCE):
+        return None
+    return (
+        f"its accountant reports ε={metrics['epsilon']:.4g}, less than this round's own noise, sampling "
+        f"rate and steps spend (ε={floor:.4g})"
+    )

@@ -126,7 +126,7 @@ def reply(content: RecordDict | Error, node: int = 7) -> Message:
 GOOD_METRICS = {
     "num-examples": 120.0,
     "train-loss": 2.5,
-    "epsilon": 1.2,
+    "epsilon": 2.5,  # at least what this round's noise, sampling rate and steps spend (2.43)
     "train-seconds": 3.0,
     "epsilon-budget": 4.0,
     "delta": 1 / 120,
@@ -201,6 +201,8 @@ def test_a_merchant_of_an_earlier_version_takes_part_unless_a_policy_wants_its_a
         ({"noise-multiplier": 0.0}, "reports no DP noise, and the federation requires DP"),
         ({"delta": 0.02}, "δ=0.02 is above the federation's maximum δ=0.01"),
         ({"user-level": 1.0}, "counted a shopper as the unit, and the federation's policy is per session"),
+        ({"epsilon": 1.2}, "ε=1.2, less than this round's own noise, sampling rate and steps spend (ε=2.43)"),
+        ({"noise-multiplier": 1e9}, "a noise multiplier of 1e+09, more than a ledger plans"),
     ],
 )
 def test_a_train_reply_that_breaks_the_privacy_policy_is_refused(
