@@ -43,7 +43,7 @@ from fedanom.common.detector.model import (
 )
 from fedanom.common.detector.privacy import PrivacyLedger
 from fedanom.common.detector.scoring import AGGREGATIONS, aggregate, event_surprise
-from fedanom.common.detector.training import GRAD_SAMPLE_MODES, train_model
+from fedanom.common.detector.training import GRAD_SAMPLE_MODES, privacy_units, train_model
 from fedanom.common.ingest import ingest
 from fedanom.common.presets import resolve_preset
 from fedanom.common.settings import BackboneConfig, LoraSettings, TrainSettings
@@ -152,8 +152,8 @@ def train_step_seconds(
     lora: LoraSettings | None = None,
 ) -> float:
     model = attach_lora(base, lora or LoraSettings())  # a fresh adapter on the frozen weights
-    ledger = PrivacyLedger(epsilon_budget=8.0, delta=1.0 / windows.n_windows) if dp else None
     settings = TrainSettings(epochs=1.0, dp=dp, batch_size=batch_size, grad_sample_mode=grad_sample_mode)
+    ledger = PrivacyLedger(epsilon_budget=8.0, delta=1.0 / privacy_units(windows, settings)) if dp else None
     report = train_model(model, windows, settings, ledger=ledger, device=device)
     model.unload()  # takes the adapter out of the backbone again, in place
     return report.seconds / report.steps
@@ -268,8 +268,9 @@ def quality(
     windows = windows_of_file(workdir / "merchant.csv", "taobao")
     train, val, test = windows.chronological_split(0.6, 0.2, 0.2)
     model = attach_lora(base, lora or LoraSettings())
-    ledger = PrivacyLedger(epsilon_budget=8.0, delta=1.0 / train.n_windows)
-    fit = train_model(model, train, TrainSettings(epochs=3), ledger=ledger, device=device)
+    settings = TrainSettings(epochs=3)
+    ledger = PrivacyLedger(epsilon_budget=8.0, delta=1.0 / privacy_units(train, settings))
+    fit = train_model(model, train, settings, ledger=ledger, device=device)
     labels = {
         name: np.array([kind_of[u] != "" for u in part.user]) for name, part in (("val", val), ("test", test))
     }

@@ -25,6 +25,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from fedanom.common.detector.detector import BehaviourDetector
 from fedanom.common.detector.privacy import PrivacyLedger
 from fedanom.common.detector.scoring import aggregate
+from fedanom.common.detector.training import privacy_units
 from fedanom.common.settings import BackboneConfig, LoraSettings, TrainSettings
 from fedanom.common.windows import Windows
 from fedanom.simulations.baselines import BASELINES
@@ -57,9 +58,9 @@ def parts(shop: str, seed: int, work: Path, args: argparse.Namespace) -> None:
         detector.calibrate(s.validation, s.known(s.validation), training=s.train.select(~s.known(s.train)))
     else:
         fit = Windows.concat([s.train, s.validation])
-        ledger = PrivacyLedger(epsilon_budget=8.0, delta=1.0 / s.train.n_windows)
-        rate = args.learning_rate or TrainSettings.learning_rate
-        detector.fit(fit, s.known(fit), train=TrainSettings(seed=seed, learning_rate=rate), ledger=ledger)
+        settings = TrainSettings(seed=seed, learning_rate=args.learning_rate or TrainSettings.learning_rate)
+        ledger = PrivacyLedger(epsilon_budget=8.0, delta=1.0 / privacy_units(s.train, settings))
+        detector.fit(fit, s.known(fit), train=settings, ledger=ledger)
     surprise = detector.surprise(s.test)
     assert detector.reference is not None
     sequence = aggregate(surprise, s.test, detector.aggregation)

@@ -60,7 +60,7 @@ def train(
     batch_size: Annotated[int, typer.Option("--batch-size")] = TrainSettings.batch_size,
     learning_rate: Annotated[float, typer.Option("--learning-rate")] = TrainSettings.learning_rate,
     max_grad_norm: Annotated[
-        float, typer.Option("--max-grad-norm", help="Per-session clipping bound.")
+        float, typer.Option("--max-grad-norm", help="Clipping bound per privacy unit.")
     ] = TrainSettings.max_grad_norm,
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = LoraSettings.rank,
     alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = LoraSettings.alpha,

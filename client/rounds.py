@@ -69,7 +69,7 @@ def train_round(
         max_grad_norm=number(config, "max-grad-norm"),
         seed=this_round if merchant.simulated else None,
         dp=dp,
-        privacy_unit=text(config, "privacy-unit", TrainSettings.privacy_unit),
+        privacy_unit=text(config, "privacy-unit", "session"),  # a server of an earlier version: sessions
         max_windows_per_user=int(number(config, "max-windows-per-user"))
         if "max-windows-per-user" in config  # a server of an earlier version sends no unit
         else TrainSettings.max_windows_per_user,

@@ -14,7 +14,6 @@ summary's ε loads Opacus's accountant.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -96,24 +95,18 @@ class PrivacyPolicy:
 
 def _understated(metrics: Mapping[str, float]) -> str | None:
     """Why a summary's ε cannot be true: less than this round's own noise, sampling rate and steps spend
-    at its δ (Opacus's RDP accountant, as a merchant's ledger counts them; ε over all rounds is never
-    less than one round's). So a merchant cannot claim a smaller ε than its own noise gives."""
-    from opacus.accountants import RDPAccountant  # torch: only the server's check needs it
+    at its δ (as every ledger counts them; ε over all rounds is never less than one round's), so a
+    merchant cannot claim a smaller ε than its own noise gives."""
+    from fedanom.common.detector.privacy import MAX_NOISE, epsilon_of  # torch: the server's check only
 
-    from fedanom.common.detector.privacy import MAX_NOISE
-
-    sigma, rate, steps = metrics["noise-multiplier"], metrics["sample-rate"], int(metrics["steps"])
+    sigma, rate, steps = metrics["noise-multiplier"], metrics["sample-rate"], metrics["steps"]
     if sigma > MAX_NOISE:  # no ledger plans more (and Opacus's analysis would take unbounded time)
         return f"its accountant reports a noise multiplier of {sigma:.4g}, more than a ledger plans"
-    if rate == 0 or steps < 1:  # nothing trained this round: nothing to recompute
-        return None
-    accountant = RDPAccountant()
-    accountant.history = [(sigma, rate, steps)]
+    if rate == 0 or steps < 1:  # a DP round takes at least one step at a positive rate
+        return "its accountant reports no training step this round"
     try:
-        with warnings.catch_warnings():  # an absurd δ gives inf, which fails below
-            warnings.simplefilter("ignore")
-            floor = accountant.get_epsilon(metrics["delta"])
-    except (ArithmeticError, ValueError):
+        floor = epsilon_of([(sigma, rate, int(steps))], metrics["delta"])
+    except (ArithmeticError, ValueError):  # an absurd δ or rate
         floor = math.inf
     if metrics["epsilon"] >= floor * (1 - EPSILON_TOLERANCE):
         return None

@@ -39,7 +39,7 @@ RANGES = {
     "delta": (0.0, 1.0),
     "noise-multiplier": (0.0, math.inf),
     "sample-rate": (0.0, 1.0),
-    "steps": (0.0, math.inf),
+    "steps": (0.0, 1e12),
     "user-level": (0.0, 1.0),
     "val-surprise": (0.0, math.inf),
     "val-auroc": (0.0, 1.0),
@@ -83,8 +83,9 @@ def metrics_of(msg: Message, required: tuple[str, ...], allowed: tuple[str, ...]
         if not low <= float(value) <= high:  # NaN fails too
             raise BadReply(f"'{key}' is {float(value):.4g}, outside [{low:g}, {high:g}]")
         values[key] = float(value)
-    if values["num-examples"] != int(values["num-examples"]):
-        raise BadReply("'num-examples' is not a whole number")
+    for key in ("num-examples", "steps"):  # counts: finite (the ranges) and whole
+        if key in values and values[key] != int(values[key]):
+            raise BadReply(f"'{key}' is not a whole number")
     return values
 
 

@@ -163,6 +163,8 @@ def test_a_well_formed_train_reply_reads_whole() -> None:
         ({**GOOD_METRICS, "num-examples": float("inf")}, GOOD_ARRAYS, "'num-examples' is inf"),
         ({**GOOD_METRICS, "num-examples": 1e12}, GOOD_ARRAYS, "outside [1, 1e+09]"),
         ({**GOOD_METRICS, "num-examples": 12.5}, GOOD_ARRAYS, "not a whole number"),
+        ({**GOOD_METRICS, "steps": 2.5}, GOOD_ARRAYS, "'steps' is not a whole number"),
+        ({**GOOD_METRICS, "steps": float("inf")}, GOOD_ARRAYS, "'steps' is inf"),
         ({**GOOD_METRICS, "epsilon": -1.0}, GOOD_ARRAYS, "'epsilon' is -1"),
         ({**GOOD_METRICS, "train-loss": [1.0, 2.0]}, GOOD_ARRAYS, "'train-loss' is not a number"),
         ({k: v for k, v in GOOD_METRICS.items() if k != "epsilon"}, GOOD_ARRAYS, "no 'epsilon'"),
@@ -203,6 +205,7 @@ def test_a_merchant_of_an_earlier_version_takes_part_unless_a_policy_wants_its_a
         ({"user-level": 1.0}, "counted a shopper as the unit, and the federation's policy is per session"),
         ({"epsilon": 1.2}, "ε=1.2, less than this round's own noise, sampling rate and steps spend (ε=2.43)"),
         ({"noise-multiplier": 1e9}, "a noise multiplier of 1e+09, more than a ledger plans"),
+        ({"steps": 0.0}, "its accountant reports no training step this round"),
     ],
 )
 def test_a_train_reply_that_breaks_the_privacy_policy_is_refused(

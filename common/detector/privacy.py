@@ -3,9 +3,10 @@
 Opacus's RDP accountant is nothing but a history of (noise multiplier, sample rate, steps). The ledger
 keeps that history in the merchant's state directory, hands it to every new PrivacyEngine before
 training, and saves what the engine added afterwards, so ε accumulates however the training is split.
-δ is fixed at first use (by default 1 / the number of training sessions) and kept, since ε spent under
-different δs does not add up. A run is planned before it starts: its noise is calibrated so that the
-history plus its steps stays within the budget, and a run that cannot fit is refused.
+δ is fixed at first use (by default 1 / the number of training units: shoppers, or sessions) and kept,
+since ε spent under different δs does not add up. A run is planned before it starts: its noise is
+calibrated so that the history plus its steps stays within the budget, and a run that cannot fit is
+refused.
 
 The ledger fails closed. Every value is checked when it is read: a δ or a step that no training could
 have recorded (an edit, a corrupt disk) refuses training with the file and the field named, rather than
@@ -30,7 +31,7 @@ from filelock import FileLock, Timeout
 from opacus.accountants import RDPAccountant
 
 from fedanom.common.errors import BudgetExhausted, FedanomError
-from fedanom.common.settings import PRIVACY_UNITS
+from fedanom.common.settings import PRIVACY_UNITS, TrainSettings
 
 LEDGER_FILE = "privacy.json"
 MAX_NOISE = 50.0  # beyond this a step carries no useful signal: the budget is spent
@@ -38,7 +39,7 @@ MAX_NOISE = 50.0  # beyond this a step carries no useful signal: the budget is s
 # noisier runs squeeze into the sliver a run planned to use the whole budget leaves behind.
 EXHAUSTED_SHARE = 0.01
 NOISE_TOLERANCE = 1.002  # the noise search stops within 0.2%, so a planned run leaves < 1% unspent
-MAX_DELTA = 0.1  # δ is 1 / the training sessions by default; beyond this it promises nothing
+MAX_DELTA = 0.1  # δ is 1 / the training units by default; beyond this it promises nothing
 LOCK_TIMEOUT_S = 60.0  # the lock is held only to plan and write, never while training
 # (noise multiplier, sample rate, steps), as Opacus's RDP accountant keeps them
 Entry = tuple[float, float, int]
@@ -51,11 +52,16 @@ class PrivacyLedger:
     history: list[Entry] = field(default_factory=list)
     path: Path | None = None  # None: kept in memory only (a one-off local fit)
     reserved: dict[str, Entry] = field(default_factory=dict)  # runs in progress (or that died), by run id
-    unit: str = "session"  # what every spend in it counted as one (TrainSettings.privacy_unit)
+    unit: str = TrainSettings.privacy_unit  # what every spend in it counted as one
 
     @classmethod
     def open(
-        cls, state_dir: str | Path | None, *, epsilon_budget: float, delta: float, unit: str = "session"
+        cls,
+        state_dir: str | Path | None,
+        *,
+        epsilon_budget: float,
+        delta: float,
+        unit: str = TrainSettings.privacy_unit,
     ) -> PrivacyLedger:
         """The ledger in `state_dir` (created on first use), with this call's budget; δ stays as first set,
         and so does the privacy unit: ε spent per session and ε spent per shopper do not add up."""
@@ -92,11 +98,7 @@ class PrivacyLedger:
         return self.accountant().get_epsilon(self.delta) if self.history or self.reserved else 0.0
 
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        accountant = self.accountant()
-        accountant.history.append((noise_multiplier, sample_rate, steps))
-        with warnings.catch_warnings():  # extreme trial noise levels put the optimal RDP order at the edge
-            warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
-            return accountant.get_epsilon(self.delta)
+        return epsilon_of([*self.accountant().history, (noise_multiplier, sample_rate, steps)], self.delta)
 
     def plan(self, sample_rate: float, steps: int) -> float:
         """The smallest noise multiplier (to 0.2%) whose `steps` keep the total within the budget."""
@@ -172,6 +174,15 @@ class PrivacyLedger:
         tmp.replace(self.path)
 
 
+def epsilon_of(history: list[Entry], delta: float) -> float:
+    """ε of an accountant history at δ: Opacus's RDP accountant, as every ledger counts."""
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    with warnings.catch_warnings():  # extreme noise levels put the optimal RDP order at the edge
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+        return accountant.get_epsilon(delta)
+
+
 def _read(path: Path) -> tuple[float, str, list[Entry], dict[str, Entry]]:
     """(δ, privacy unit, accountant history, reservations) from a ledger file, every value checked (a
     ledger written before units were recorded counted sessions)."""
@@ -215,7 +226,7 @@ def _same_unit(path: Path, spent: str, asked: str) -> None:
     if spent != asked:
         raise UnitMismatch(
             f"{path} holds ε spent per {spent}, and ε per {asked} cannot be added to it: train with "
-            f"--privacy-unit {spent}, or start a budget of its own in another --state-dir"
+            f"--privacy-unit {spent} (in a federation, the operator's server sets the unit)"
         )
 
 
