@@ -62,9 +62,10 @@ class TrainSettings:
     learning_rate: float = 1e-2
     max_grad_norm: float = 1.0  # clipping bound per privacy unit
     dp: bool = True
-    # what DP protects as one unit: a session (one scored window), or a shopper with all their sessions,
-    # of which at most `max_windows_per_user` are drawn each time the shopper is sampled
-    privacy_unit: str = "session"
+    # what DP protects as one unit: a shopper with all their sessions, of which at most
+    # `max_windows_per_user` are drawn each time the shopper is sampled (an export without shopper ids
+    # makes each session its own shopper), or a session (one scored window)
+    privacy_unit: str = "user"
     max_windows_per_user: int = 8
     grad_sample_mode: str = "hooks"
     # None: sampling and DP noise come from a seed drawn from the OS's entropy, so nobody can regenerate

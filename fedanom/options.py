@@ -136,7 +136,7 @@ PrivacyUnitOption = Annotated[
     str,
     typer.Option(
         "--privacy-unit",
-        help="What DP protects as one: session (one scored window) or user (a shopper, all their sessions).",
+        help="What DP protects as one: user (a shopper, all their sessions) or session (one scored window).",
     ),
 ]
 MaxWindowsPerUserOption = Annotated[

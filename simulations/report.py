@@ -22,6 +22,7 @@ from fedanom.simulations.calibration import calibration_table
 from fedanom.simulations.compare import METHODS, Comparison, Sessions
 
 HEADLINE = ("auprc", "auroc", "recall_at_1pct_fpr", "f1", "false_alert_rate")
+UNIT_WORDS = {"user": "shopper, all their sessions", "session": "session"}  # what ε protected as one
 
 
 def averaged(per_merchant: list[dict[str, Any]]) -> dict[str, float]:
@@ -74,7 +75,8 @@ def _markdown(results: dict[str, Any], names: list[str], sessions: list[Sessions
         "# fedanom simulation report",
         "",
         f"{len(names)} merchants, {scenario['rounds']} federated rounds, ε = {scenario['epsilon']:g} per "
-        f"merchant, seed {scenario['seed']}; each merchant's latest {scenario['test_share']:.0%} of events "
+        f"merchant (its unit: one {UNIT_WORDS[scenario.get('privacy_unit', 'session')]}), seed "
+        f"{scenario['seed']}; each merchant's latest {scenario['test_share']:.0%} of events "
         "are its test set. Thresholds are chosen on each merchant's validation sessions "
         "(best F1); every test session counts once (no point adjustment).",
         "",

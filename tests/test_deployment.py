@@ -81,7 +81,7 @@ REAL_MERCHANTS = [
 BOTS = {"scraping-crude": 12, "click-fraud-crude": 12}
 AUROC_FLOOR = 0.85  # every merchant's final global detector, on its own sessions with their injected bots
 VICTIM = 3
-OVER_BUDGET = 4  # joins with ε=9 a federation whose policy allows at most ε=8
+OVER_BUDGET = 4  # joins with ε=8 a federation whose policy allows at most ε=4
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, tiny
         address,
         "--round-timeout",
         "240",
-        *["--require-dp", "--max-epsilon", "8"],
+        *["--require-dp", "--max-epsilon", "4"],
     ]
     server = start(*server_args, "--expect-clients", "5", cwd=root, log=root / "server.log")
     clients = []
@@ -120,7 +120,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, tiny
         data = f"m{i if i != OVER_BUDGET else 1}.csv"
         command = ["client", "--server", address, "--data", data, "-p", "taobao", *own, *labelled]
         command += ["--state-dir", f"state-{i}", "--port", str(free_port()), "--threads", "1"]
-        command += ["--epsilon", "9"] if i == OVER_BUDGET else []
+        command += ["--epsilon", "8" if i == OVER_BUDGET else "4"]
         clients.append(start(*command, cwd=root, log=root / f"client-{i}.log"))
     try:
         # killed as soon as it has taken round 1's training message: the SuperLink notices the silence
@@ -175,17 +175,17 @@ def test_a_merchant_over_the_operators_privacy_terms_refuses_and_the_others_trai
     for r in log:
         assert r["policy"] == {
             "require_dp": True,
-            "max_epsilon": 8.0,
+            "max_epsilon": 4.0,
             "max_delta": 0.0,
-            "privacy_unit": "session",
+            "privacy_unit": "user",
         }
-        assert all(0 < c["epsilon"] <= c["epsilon-budget"] == 8.0 for c in r["clients"].values())
+        assert all(0 < c["epsilon"] <= c["epsilon-budget"] == 4.0 for c in r["clients"].values())
     # round 1 waited for all five merchants (the resumed round 2 starts with the first three back)
     assert (
         FAILURES[POLICY_REFUSED] in [f["reason"] for f in log[0]["failed"]] and len(log[0]["accepted"]) == 3
     )
     own_log = (deployment / f"state-{OVER_BUDGET}" / "supernode.log").read_text()
-    assert "ε=9 is above the federation's maximum ε=8: join with --epsilon 8 or less" in own_log
+    assert "ε=8 is above the federation's maximum ε=4: join with --epsilon 4 or less" in own_log
     assert not (deployment / f"state-{OVER_BUDGET}" / "privacy.json").exists()  # nothing spent
 
 
@@ -233,7 +233,7 @@ def test_every_merchant_ranks_its_injected_bots_above_its_normal_sessions(deploy
         assert sum(steps for _, _, steps in ledger["history"]) == 2 * round(1 / sample_rate)
         detector = BehaviourDetector.load(deployment / f"state-{i}" / "detector")
         assert detector.provenance["federated_round"] == 2
-        assert 0 < detector.provenance["epsilon"] <= 8.0
+        assert 0 < detector.provenance["epsilon"] <= 4.0
         ingested = ingest(deployment / f"m{i}.csv", resolve_preset("taobao"), popularity=detector.popularity)
         windows = Windows.from_batches(ingested.batches(), ingested.popularity, ingested.report)
         known = read_labels(deployment / f"labels-{i}.csv", windows)

@@ -328,5 +328,18 @@ def test_user_level_epsilon_is_the_accountants_for_the_shoppers_sampling_rate(tm
     assert report.epsilon_spent <= 4.0
     # ε spent per shopper and ε per session do not add up: the ledger says so instead of mixing them
     with pytest.raises(FedanomError, match="holds ε spent per user, and ε per session cannot be added"):
-        PrivacyLedger.open(tmp_path, epsilon_budget=4.0, delta=1e-2)
+        PrivacyLedger.open(tmp_path, epsilon_budget=4.0, delta=1e-2, unit="session")
     assert json.loads((tmp_path / LEDGER_FILE).read_text())["unit"] == "user"
+
+
+def test_a_ledger_written_before_units_counts_sessions_and_never_mixes_with_the_default(
+    tmp_path: Path,
+) -> None:
+    # the layout an earlier version wrote: no unit, its spends per session
+    legacy = {"delta": 1e-3, "accountant": "rdp", "history": [[1.0, 0.1, 30]], "reserved": {}}
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(legacy))
+    assert TrainSettings().privacy_unit == "user"
+    with pytest.raises(FedanomError, match="holds ε spent per session, and ε per user cannot be added"):
+        PrivacyLedger.open(tmp_path, epsilon_budget=8.0, delta=1e-3)
+    kept = PrivacyLedger.open(tmp_path, epsilon_budget=8.0, delta=1e-3, unit="session")
+    assert kept.unit == "session" and kept.history == [(1.0, 0.1, 30)]

@@ -53,6 +53,7 @@ def test_the_report_plots_and_results_are_written(simulation: tuple[Path, dict[s
     assert all(method in report for method in METHODS)
     assert [r["round"] for r in results["rounds"]["federated-dp"]] == [1, 2]
     assert "## Normal traffic against the real samples" in report
+    assert "ε = 8 per merchant (its unit: one shopper, all their sessions)" in report  # the default unit
     calibration = results["scenario"]["calibration"]
     assert list(calibration) == results["merchants"]
     assert all(set(stats) == set(STATS) for stats in calibration.values())
