@@ -140,28 +140,10 @@ def dp_cost(base: PreTrainedModel, windows: Windows, device: torch.device) -> di
     shoppers with up to 8 windows each, so per epoch is the like-for-like figure there)."""
     out = {}
     for mode, dp, unit in (("plain", False, "session"), ("dp", True, "session"), ("dp_user", True, "user")):
-        seconds, steps = train_seconds(base, windows, device, dp=dp, unit=unit)
-        out[mode], out[f"{mode}_epoch"] = seconds / steps, seconds
+        out[mode], out[f"{mode}_epoch"] = train_seconds(base, windows, device, dp=dp, unit=unit)
     out["dp_over_plain"] = out["dp"] / out["plain"]
     out["dp_user_epoch_over_plain"] = out["dp_user_epoch"] / out["plain_epoch"]
     return out
-
-
-def train_step_seconds(
-    base: PreTrainedModel,
-    windows: Windows,
-    device: torch.device,
-    *,
-    dp: bool,
-    batch_size: int = 64,
-    grad_sample_mode: str = "hooks",
-    lora: LoraSettings | None = None,
-) -> float:
-    """Seconds per step of a batch of `batch_size` windows (DP per session: a step's mechanics)."""
-    seconds, steps = train_seconds(
-        base, windows, device, dp=dp, batch_size=batch_size, grad_sample_mode=grad_sample_mode, lora=lora
-    )
-    return seconds / steps
 
 
 def train_seconds(
@@ -174,8 +156,8 @@ def train_seconds(
     grad_sample_mode: str = "hooks",
     lora: LoraSettings | None = None,
     unit: str = "session",
-) -> tuple[float, int]:
-    """(seconds, steps) of one epoch over `windows`."""
+) -> tuple[float, float]:
+    """Seconds per step and per epoch over `windows` (a step of `batch_size` units: windows per session)."""
     model = attach_lora(base, lora or LoraSettings())  # a fresh adapter on the frozen weights
     settings = TrainSettings(
         epochs=1.0, dp=dp, batch_size=batch_size, grad_sample_mode=grad_sample_mode, privacy_unit=unit
@@ -185,7 +167,7 @@ def train_seconds(
         ledger = PrivacyLedger(epsilon_budget=8.0, delta=1.0 / privacy_units(windows, settings), unit=unit)
     report = train_model(model, windows, settings, ledger=ledger, device=device)
     model.unload()  # takes the adapter out of the backbone again, in place
-    return report.seconds, report.steps
+    return report.seconds / report.steps, report.seconds
 
 
 def secure_noise_cost(base: PreTrainedModel, windows: Windows, device: torch.device) -> dict[str, float]:
@@ -194,7 +176,7 @@ def secure_noise_cost(base: PreTrainedModel, windows: Windows, device: torch.dev
     its noise arithmetic (four Gaussian draws per value instead of one, against floating-point attacks:
     Opacus's own noise function called with `secure_mode=True`), and the random bytes those draws need
     (8 per draw) read from the OS's CSPRNG, /dev/urandom."""
-    dp = train_step_seconds(base, windows, device, dp=True)
+    dp = train_seconds(base, windows, device, dp=True)[0]
     original = opacus_optimizer._generate_noise
 
     def secure(
@@ -204,7 +186,7 @@ def secure_noise_cost(base: PreTrainedModel, windows: Windows, device: torch.dev
 
     opacus_optimizer._generate_noise = secure
     try:
-        arithmetic = train_step_seconds(base, windows, device, dp=True)
+        arithmetic = train_seconds(base, windows, device, dp=True)[0]
     finally:
         opacus_optimizer._generate_noise = original
     model = attach_lora(base, LoraSettings())
@@ -231,12 +213,12 @@ def batch_sweep(windows: Windows, devices: list[torch.device]) -> list[dict[str,
         base = build_backbone(BackboneConfig(), device=device)
         for batch_size in (64, 256, 1024):
             row: dict[str, object] = {"device": device.type, "batch_size": batch_size}
-            seconds = train_step_seconds(base, windows, device, dp=False, batch_size=batch_size)
+            seconds = train_seconds(base, windows, device, dp=False, batch_size=batch_size)[0]
             row["plain_sessions_per_s"] = batch_size / seconds
             for mode in GRAD_SAMPLE_MODES:
-                seconds = train_step_seconds(
+                seconds = train_seconds(
                     base, windows, device, dp=True, batch_size=batch_size, grad_sample_mode=mode
-                )
+                )[0]
                 row[f"dp_{mode}_sessions_per_s"] = batch_size / seconds
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -253,7 +235,7 @@ def lora_sweep(device: torch.device, workdir: Path, sample: Windows) -> dict[str
         summary, _ = quality("llama", device, workdir, settings)
         base = build_backbone(BackboneConfig(), device=device)
         steps = {
-            mode: train_step_seconds(base, sample, device, dp=mode == "dp", lora=settings)
+            mode: train_seconds(base, sample, device, dp=mode == "dp", lora=settings)[0]
             for mode in ("plain", "dp")
         }
         out[name] = {
@@ -271,7 +253,7 @@ def dp_child(arch: str, dp: bool, shared: Path) -> None:
     sample = real.select(np.arange(min(20_000, real.n_windows)))
     backbone = build_backbone(BackboneConfig(architecture=arch))  # step times do not depend on the weights
     before = rss_mb()
-    seconds = train_step_seconds(backbone, sample, torch.device("cpu"), dp=dp)
+    seconds = train_seconds(backbone, sample, torch.device("cpu"), dp=dp)[0]
     print(json.dumps({"step_s": seconds, "rss_before_mb": before, "peak_mb": peak_rss_mb()}))
 
 
