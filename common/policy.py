@@ -20,7 +20,9 @@ from dataclasses import asdict, dataclass
 from fedanom.common.errors import FedanomError
 from fedanom.common.settings import RUN_DEFAULTS
 
-EPSILON_TOLERANCE = 1e-6  # relative: the merchant's accountant and the server's round differently
+# Relative slack on the ε floor: a merchant of another Opacus version may count with other RDP orders and
+# round differently; the floor is there to catch a summary that understates ε, not a last digit
+EPSILON_TOLERANCE = 0.01
 
 
 class PolicyRefused(FedanomError):
