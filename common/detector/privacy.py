@@ -87,18 +87,17 @@ class PrivacyLedger:
         delta, unit, history, reserved = _read(path)
         return cls(math.inf, delta, history, None, reserved, unit).spent()
 
-    def accountant(self) -> RDPAccountant:
-        """A fresh Opacus accountant that already knows every step taken or reserved so far."""
-        accountant = RDPAccountant()
-        accountant.history = [*self.history, *self.reserved.values()]
-        return accountant
+    def counted(self) -> list[Entry]:
+        """Every step taken or reserved so far, as Opacus's accountant keeps its history."""
+        return [*self.history, *self.reserved.values()]
 
     def spent(self) -> float:
         """ε spent, counting the steps reserved by runs that have not settled."""
-        return self.accountant().get_epsilon(self.delta) if self.history or self.reserved else 0.0
+        counted = self.counted()
+        return epsilon_of(counted, self.delta) if counted else 0.0
 
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        return epsilon_of([*self.accountant().history, (noise_multiplier, sample_rate, steps)], self.delta)
+        return epsilon_of([*self.counted(), (noise_multiplier, sample_rate, steps)], self.delta)
 
     def plan(self, sample_rate: float, steps: int) -> float:
         """The smallest noise multiplier (to 0.2%) whose `steps` keep the total within the budget."""
